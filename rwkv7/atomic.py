@@ -1,0 +1,53 @@
+"""Atomic file writes: a crash never leaves a half-written dataset, state or report.
+
+Every writer in the project goes through `atomic_path`: it yields a temporary path in the destination's
+directory (same filesystem, so the final `os.replace` is atomic) and renames it into place only when the
+block finishes without an exception.
+
+>>> with atomic_path("out/state.pth") as tmp:
+...     torch.save(tensors, tmp)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path next to `dest`; move it onto `dest` on success, delete it on failure."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(dest: str | os.PathLike[str], text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(dest: str | os.PathLike[str], obj: Any) -> None:
+    write_text(dest, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(dest: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object per line; returns the number of records written."""
+    n = 0
+    with atomic_path(dest) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    return n
