@@ -1,0 +1,231 @@
+"""RWKV-7 "Goose" (x070) as an nn.Module that loads BlinkDL checkpoints as they are.
+
+Boundary: parameters named exactly like the BlinkDL state dict (`blocks.{i}.att.receptance.weight`, …), so
+`load_state_dict` takes a checkpoint directly; the maths follows ../shared/docs/rwkv7-facts.md §2. The model
+reads no files of ours except through `load_model`; the WKV recurrence lives in `rwkv7.wkv`.
+
+Shapes: B batch, T time, C = n_embd, H heads, N = head size (64), V vocab, L layers.
+
+>>> model = load_model("rwkv7-g1a-0.1b.pth")                   # doctest: +SKIP
+>>> logits, state = model(torch.tensor([[24281, 59]]))         # [1, 2, 65536], RWKVState
+>>> logits, state = model.step(torch.tensor([4571]), state)    # [1, 65536]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rwkv7.checkpoint import ModelConfig, load_checkpoint
+from rwkv7.state import RWKVState
+from rwkv7.wkv import wkv7
+
+LN_EPS = 1e-5
+LN_X_EPS = 64e-5  # GroupNorm over heads on the WKV output (BlinkDL: 1e-5 * head_size)
+W_LOG_DECAY_MIN = -math.exp(-0.5)  # log decay = W_LOG_DECAY_MIN * sigmoid(...), so decay in (0.545, 1)
+_HASH_CHUNK = 1 << 24
+
+
+def token_shift(x: Tensor, shift: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Previous-token inputs for `x [B, T, C]`: (prev [B, T, C], last token per sequence [S, C]).
+
+    The first token of each sequence sees `shift [S, C]` (S = B, or the number of packed sequences when
+    `cu_seqlens [S+1]` is given with B = 1).
+    """
+    if cu_seqlens is None:
+        return torch.cat((shift.to(x.dtype).unsqueeze(1), x[:, :-1]), dim=1), x[:, -1]
+    starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+    prev = torch.cat((x[0, :1], x[0, :-1]), dim=0).index_copy(0, starts, shift.to(x.dtype))
+    return prev.unsqueeze(0), x[0, ends - 1]
+
+
+class TimeMix(nn.Module):
+    """Attention-like half of a block: token shift, low-rank gates, WKV-7, GroupNorm, bonus, output."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        C, H, N, D = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.dims
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
+        lora = ("w", "a", "g") + (("v",) if layer_id > 0 else ())
+        for name in lora:
+            setattr(self, f"{name}1", nn.Parameter(torch.empty(C, D[name])))
+            setattr(self, f"{name}2", nn.Parameter(torch.empty(D[name], C)))
+        if layer_id > 0:
+            self.v0 = nn.Parameter(torch.empty(1, 1, C))
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance, self.key, self.value, self.output = (nn.Linear(C, C, bias=False) for _ in range(4))
+        self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
+
+    def forward(self, u: Tensor, prev: Tensor, v_first: Tensor | None, wkv_state: Tensor,
+                cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """`u, prev [B, T, C]` (LN1 output and its shift) → (delta [B, T, C], wkv [S, H, N, N], v_first)."""
+        B, T, C = u.shape
+        H, N = self.n_head, self.head_size
+        delta = prev - u
+        xr, xw, xk, xv, xa, xg = (u + delta * mix for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a,
+                                                               self.x_g))
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        log_decay = W_LOG_DECAY_MIN * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
+        iclr = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        gate = torch.sigmoid(xg @ self.g1) @ self.g2
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        kappa = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
+        k = k * (1 + (iclr - 1) * self.k_a)
+        heads = [x.view(B, T, H, N) for x in (r, k, v, iclr)]
+        r4, k4, v4, iclr4 = heads
+        out, wkv_state = wkv7(r4, log_decay.view(B, T, H, N), k4, v4, -kappa, kappa * iclr4, wkv_state,
+                              cu_seqlens=cu_seqlens)
+        out = self.ln_x(out.reshape(B * T, C)).view(B, T, H, N)
+        bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
+        return self.output((out + bonus).view(B, T, C) * gate), wkv_state, v_first
+
+
+class ChannelMix(nn.Module):
+    """Feed-forward half of a block: token shift, squared-ReLU MLP of width 4C."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C = cfg.n_embd
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, 4 * C, bias=False)
+        self.value = nn.Linear(4 * C, C, bias=False)
+
+    def forward(self, z: Tensor, prev: Tensor) -> Tensor:
+        return self.value(torch.relu(self.key(z + (prev - z) * self.x_k)) ** 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg)
+
+    def forward(self, x: Tensor, v_first: Tensor | None, att_shift: Tensor, wkv: Tensor, ffn_shift: Tensor,
+                cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x [B, T, C] and this layer's state → (x, v_first, att_shift [S, C], wkv [S, H, N, N], ffn_shift)."""
+        u = self.ln1(x)
+        prev, att_shift = token_shift(u, att_shift, cu_seqlens)
+        delta, wkv, v_first = self.att(u, prev, v_first, wkv, cu_seqlens)
+        x = x + delta
+        z = self.ln2(x)
+        prev, ffn_shift = token_shift(z, ffn_shift, cu_seqlens)
+        return x + self.ffn(z, prev), v_first, att_shift, wkv, ffn_shift
+
+
+class RWKV7(nn.Module):
+    """RWKV-7 x070 language model. Weights are frozen (requires_grad False) after `load_model`.
+
+    `source` is the checkpoint path it was loaded from (None for a model built in memory);
+    `source_sha256()` hashes that file once and caches the result on the model.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.source: Path | None = None
+        self._source_sha256: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.weight.device
+
+    def forward(self, tokens: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None,
+                return_hidden: bool = False) -> tuple[Tensor, RWKVState]:
+        """Run `tokens [B, T]` (LongTensor, T ≥ 1) from `state` (zeros if None; batch 1 broadcasts).
+
+        Returns `(logits [B, T, V], final state with batch S)`, or with `return_hidden` the normalized
+        hidden states `[B, T, C]` instead of logits (then `model.head(hidden)` gives the logits, so a trainer
+        can compute the loss chunk by chunk). With `cu_seqlens` (`[S+1]`, B = 1) the row holds S packed
+        sequences; token shift and WKV restart at each boundary from the state's row for that sequence.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty [B, T] LongTensor, got shape {tuple(tokens.shape)}")
+        if cu_seqlens is not None and tokens.shape[0] != 1:
+            raise ValueError(f"cu_seqlens needs tokens of shape [1, total], got {tuple(tokens.shape)}")
+        n_seq = tokens.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if state is None:
+            state = RWKVState.zeros(self.config, n_seq, self.device, self.dtype)
+        state = state.expand(n_seq)
+        x = self.blocks[0].ln0(self.emb(tokens))
+        v_first = None
+        att_shift, wkv, ffn_shift = [], [], []
+        for i, block in enumerate(self.blocks):
+            x, v_first, a_s, w_s, f_s = block(x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i],
+                                              cu_seqlens)
+            att_shift.append(a_s)
+            wkv.append(w_s)
+            ffn_shift.append(f_s)
+        final = RWKVState(att_shift=torch.stack(att_shift), wkv=torch.stack(wkv), ffn_shift=torch.stack(ffn_shift))
+        hidden = self.ln_out(x)
+        return (hidden if return_hidden else self.head(hidden)), final
+
+    def step(self, token_ids: Tensor, state: RWKVState | None = None) -> tuple[Tensor, RWKVState]:
+        """One RNN step: `token_ids [B]` → (logits [B, V], state). Same maths as `forward` with T = 1."""
+        logits, state = self(token_ids.view(-1, 1), state)
+        return logits[:, 0], state
+
+    def source_sha256(self) -> str | None:
+        """sha256 of the checkpoint file this model was loaded from (computed once, then cached)."""
+        if self.source is None:
+            return None
+        if self._source_sha256 is None:
+            digest = hashlib.sha256()
+            with open(self.source, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
+            self._source_sha256 = digest.hexdigest()
+        return self._source_sha256
+
+
+def build_model(sd: dict[str, Tensor], cfg: ModelConfig, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> RWKV7:
+    """Model from a validated BlinkDL state dict (see `rwkv7.checkpoint.inspect_checkpoint`); weights frozen.
+
+    `dtype` None means float32 on CPU and bfloat16 on CUDA. Block-0 v0/v1/v2 (unused) are dropped.
+    """
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device("meta"):
+        model = RWKV7(cfg)
+    unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items() if k not in unused}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> RWKV7:
+    """Load a BlinkDL x070 `.pth` (validated; errors name the file) onto `device` in `dtype`.
+
+    `dtype` None: float32 on CPU, bfloat16 on CUDA.
+    """
+    sd, cfg = load_checkpoint(path)
+    model = build_model(sd, cfg, device, dtype)
+    model.source = Path(path)
+    return model

@@ -1,0 +1,115 @@
+"""The WKV-7 recurrence, in one place: a plain torch reference and the flash-linear-attention fast path.
+
+Boundary: tensors in, tensors out. Per head, with the state S in [value, key] orientation (rows = value dim,
+columns = key dim, the BlinkDL / `rwkv` pip / RWKV-Runner convention):
+
+    S_t = S_{t-1} (diag(exp(log_decay_t)) + a_tᵀ b_t) + v_tᵀ k_t,    out_t = S_t r_tᵀ
+
+so for RWKV-7 the model passes a = −κ and b = κ ⊙ iclr. fla keeps its state as [key, value]; `_fla` transposes
+at the boundary. The reference runs in float32 and is differentiable in every input, the initial state included.
+
+Backend choice (one dispatch, `wkv7`): explicit `backend=` argument, else `force_backend(...)` (tests), else the
+env var STATETUNE_WKV_BACKEND, else "fla" on CUDA and "reference" elsewhere. fla is imported lazily, so this
+module works where fla is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("reference", "fla")
+BACKEND_ENV = "STATETUNE_WKV_BACKEND"
+# Inference calls up to this length use fla's fused recurrent kernel (decoding); longer ones the chunk kernel.
+FUSED_RECURRENT_MAX_T = 64
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("wkv_backend", default=None)
+
+
+class WKVBackendError(RuntimeError):
+    """The requested WKV backend is unknown or cannot run here (e.g. fla without CUDA)."""
+
+
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Within the block, `wkv7` calls without an explicit `backend=` use `name` ("reference" or "fla")."""
+    if name not in BACKENDS:
+        raise WKVBackendError(f"unknown WKV backend {name!r}; choose one of {BACKENDS}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def select_backend(device: torch.device, backend: str | None = None) -> str:
+    """Resolve the backend for tensors on `device` (see module docstring for the order of precedence)."""
+    name = backend or _forced.get() or os.environ.get(BACKEND_ENV) or (
+        "fla" if device.type == "cuda" else "reference")
+    if name not in BACKENDS:
+        raise WKVBackendError(f"unknown WKV backend {name!r} (from argument, force_backend or "
+                              f"{BACKEND_ENV}); choose one of {BACKENDS}")
+    if name == "fla" and device.type != "cuda":
+        raise WKVBackendError(f"WKV backend 'fla' needs CUDA tensors, got device {device}")
+    return name
+
+
+def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor, *,
+         cu_seqlens: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Run WKV-7 over a batch: inputs `[B, T, H, N]`, `initial_state [S, H, N, N]` ([value, key], float32).
+
+    Without `cu_seqlens`, S = B. With `cu_seqlens` (LongTensor `[S+1]`, starting at 0 and ending at T), B must
+    be 1 and the T tokens are S packed sequences, each starting from its own initial state.
+    Returns `(out [B, T, H, N]` in r's dtype`, final_state [S, H, N, N]` float32`)`.
+    `log_decay` = log of the per-channel decay, in (−e^(−1/2), 0) for RWKV-7.
+    """
+    if select_backend(r.device, backend) == "fla":
+        return _fla(r, log_decay, k, v, a, b, initial_state, cu_seqlens)
+    if cu_seqlens is None:
+        return wkv7_reference(r, log_decay, k, v, a, b, initial_state)
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        out, final = wkv7_reference(*(x[:, start:end] for x in (r, log_decay, k, v, a, b)),
+                                    initial_state[i:i + 1])
+        outs.append(out)
+        finals.append(final)
+    return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
+
+
+def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                   initial_state: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain float32 loop over time; shapes as in `wkv7` (no packing). Differentiable in all inputs."""
+    dtype = r.dtype
+    r, k, v, a, b = (x.float() for x in (r, k, v, a, b))
+    decay = log_decay.float().exp()
+    state = initial_state.float()
+    outs = []
+    for t in range(r.shape[1]):
+        # S·diag(d) scales key columns; S aᵀ b is a rank-1 update built from the [value] vector S aᵀ.
+        state = (state * decay[:, t, :, None, :]
+                 + (state @ a[:, t, :, :, None]) * b[:, t, :, None, :]
+                 + v[:, t, :, :, None] * k[:, t, :, None, :])
+        outs.append((state @ r[:, t, :, :, None]).squeeze(-1))
+    out = torch.stack(outs, dim=1) if outs else torch.zeros_like(v)
+    return out.to(dtype), state
+
+
+def _fla(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor,
+         cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+    """fla 0.6.0 kernels: chunk (trainable) or fused recurrent (inference, short inputs); scale must be 1."""
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    except ImportError as e:
+        raise WKVBackendError(f"WKV backend 'fla' needs flash-linear-attention (fla-core==0.6.0): {e}") from e
+    inputs = [x.contiguous() for x in (r, log_decay.to(r.dtype), k, v, a, b)]
+    state_kv = initial_state.float().transpose(-1, -2).contiguous()  # ours [value, key] -> fla [key, value]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, state_kv))
+    kernel = chunk_rwkv7 if needs_grad or r.shape[1] > FUSED_RECURRENT_MAX_T else fused_recurrent_rwkv7
+    out, final_kv = kernel(*inputs, scale=1.0, initial_state=state_kv, output_final_state=True,
+                           cu_seqlens=cu_seqlens)
+    return out, final_kv.float().transpose(-1, -2)
