@@ -1,0 +1,282 @@
+"""Training data: jsonl records → token ids + loss masks → batches that waste no compute.
+
+Boundary: files and token ids in, tensors out; knows no model. Accepted lines (one JSON object each):
+- dialogue records `{"id", "messages": [{"role", "content"}, …], "source"}` (docs/design.md), rendered
+  through `rwkv7.template.render`; they must end with an assistant message;
+- RWKV-PEFT lines `{"text": "User: …\\n\\nAssistant: …"}`, split by `rwkv7.template.segment_text`.
+
+A sample of n tokens gives n−1 next-token predictions: inputs `ids[:-1]`, targets `ids[1:]`, and the loss
+counts target t when `mask[t+1]` is set: reply tokens only (`loss_on="assistant"`, default) or every token
+(`"all"`, RWKV-PEFT's behaviour). `ctx_len` bounds the inputs: a longer sample is truncated to its first
+ctx_len+1 tokens (`overlong="truncate"`, default) or dropped (`"drop"`); both are counted.
+
+Batches never mix samples: on CPU, `pad_collate` right-pads to the batch's longest sample (RWKV is causal, so
+padding after a sequence cannot change it; padded targets are masked); on GPU, `pack_collate` concatenates the
+batch into one row with `cu_seqlens`, and each sequence starts from the tuned state. `BucketBatchSampler`
+groups samples of similar length (sort within a seeded shuffled window) so padding stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from rwkv7.template import Segment, TemplateError, render, segment_text
+
+LossOn = Literal["assistant", "all"]
+Overlong = Literal["truncate", "drop"]
+Encode = Callable[[str], list[int]]
+PAD_ID = 0
+MIN_TOKENS = 2  # one input and one target
+_EXAMPLES_KEPT = 5
+_HASH_CHUNK = 1 << 20
+
+
+class DatasetError(ValueError):
+    """A training data file is missing, unreadable, or holds no usable sample; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sequence: `ids` (n ≥ 2 token ids) and `mask` (n flags; target t counts when mask[t+1])."""
+
+    ids: list[int]
+    mask: list[bool]
+    source: str
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.ids) - 1
+
+
+@dataclass
+class DatasetStats:
+    """What `load_samples` read, kept and dropped (by reason), with a few `file:line: problem` examples."""
+
+    read: int = 0
+    used: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] += 1
+        if len(self.examples) < _EXAMPLES_KEPT:
+            self.examples.append(f"{where}: {reason}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "used": self.used, "truncated": self.truncated, "tokens": self.tokens,
+                "trainable_tokens": self.trainable_tokens, "dropped": dict(sorted(self.dropped.items())),
+                "dropped_total": sum(self.dropped.values()), "examples": list(self.examples)}
+
+
+def record_segments(obj: dict[str, Any]) -> list[Segment]:
+    """Segments of one jsonl object (dialogue record or `{"text"}` line); TemplateError says why not."""
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise TemplateError("messages must be a non-empty list")
+        if not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise TemplateError("dialogue does not end with an assistant message")
+        first = messages[1] if messages[0].get("role") == "system" and len(messages) > 1 else messages[0]
+        if not isinstance(first, dict) or first.get("role") != "user":
+            raise TemplateError("dialogue must start with a user message (after an optional system one)")
+        return render(messages)
+    if "text" in obj:
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            raise TemplateError('"text" must be a non-empty string')
+        return segment_text(obj["text"])
+    raise TemplateError(f'expected "messages" (dialogue record) or "text" (RWKV-PEFT line); keys: {sorted(obj)}')
+
+
+def encode_segments(segments: Sequence[Segment], encode: Encode, loss_on: LossOn = "assistant"
+                    ) -> tuple[list[int], list[bool]]:
+    """Token ids of the segments (each encoded on its own, as chat feeds them) and per-token loss flags."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for seg in segments:
+        piece = encode(seg.text)
+        ids.extend(piece)
+        mask.extend([seg.trainable or loss_on == "all"] * len(piece))
+    return ids, mask
+
+
+def load_samples(path: str | os.PathLike[str], encode: Encode, ctx_len: int, loss_on: LossOn = "assistant",
+                 overlong: Overlong = "truncate") -> tuple[list[Sample], DatasetStats]:
+    """Read a jsonl file into samples of at most ctx_len+1 tokens; raises DatasetError if none is usable.
+
+    Unusable records are dropped and counted by reason: invalid_record, too_short, no_trainable_tokens,
+    too_long (with overlong="drop"), no_trainable_tokens_after_truncation. Call this before loading a model.
+    """
+    if ctx_len < 1:
+        raise DatasetError(f"ctx_len must be ≥ 1, got {ctx_len}")
+    path = Path(path)
+    stats = DatasetStats()
+    samples: list[Sample] = []
+    for lineno, obj in _read_jsonl(path):
+        stats.read += 1
+        where = f"{path}:{lineno}"
+        try:
+            ids, mask = encode_segments(record_segments(obj), encode, loss_on)
+        except TemplateError as e:
+            stats.drop("invalid_record", f"{where}: {e}")
+            continue
+        reason, ids, mask = _fit(ids, mask, ctx_len, overlong)
+        if reason == "truncated":
+            stats.truncated += 1
+        elif reason:
+            stats.drop(reason, where)
+            continue
+        samples.append(Sample(ids, mask, str(obj.get("id", where))))
+        stats.used += 1
+        stats.tokens += len(ids) - 1
+        stats.trainable_tokens += sum(mask[1:])
+    if not samples:
+        detail = f" (read {stats.read}; dropped {dict(stats.dropped)}; e.g. {stats.examples[:2]})" if stats.read else ""
+        raise DatasetError(f"{path}: no usable training sample{detail}")
+    return samples, stats
+
+
+def _fit(ids: list[int], mask: list[bool], ctx_len: int, overlong: Overlong
+         ) -> tuple[str | None, list[int], list[bool]]:
+    """Apply the length policy → (None | "truncated" | drop reason, ids, mask)."""
+    if len(ids) < MIN_TOKENS:
+        return "too_short", ids, mask
+    if not any(mask[1:]):
+        return "no_trainable_tokens", ids, mask
+    if len(ids) - 1 <= ctx_len:
+        return None, ids, mask
+    if overlong == "drop":
+        return "too_long", ids, mask
+    ids, mask = ids[:ctx_len + 1], mask[:ctx_len + 1]
+    if not any(mask[1:]):
+        return "no_trainable_tokens_after_truncation", ids, mask
+    return "truncated", ids, mask
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: training data file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bucket_batches(lengths: Sequence[int], micro_bsz: int, seed: int, epoch: int, window_batches: int
+                   ) -> list[list[int]]:
+    """Sample indices grouped into batches of ≤ micro_bsz with similar lengths; deterministic in (seed, epoch).
+
+    Shuffle all indices, cut into windows of micro_bsz·window_batches, sort each window by length, cut it into
+    batches, then shuffle the batch order. Every index appears exactly once.
+    >>> sorted(map(sorted, bucket_batches([5, 1, 4, 2], 2, seed=0, epoch=0, window_batches=2)))
+    [[0, 2], [1, 3]]
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = micro_bsz * max(1, window_batches)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batches.extend(chunk[j:j + micro_bsz] for j in range(0, len(chunk), micro_bsz))
+    rng.shuffle(batches)
+    return batches
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Length-bucketed batches (`bucket_batches`) for a DataLoader's `batch_sampler`.
+
+    Lightning calls `set_epoch` before each epoch. `skip(n)` makes the next iteration start at batch n of the
+    epoch (resuming mid-epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, lengths: Sequence[int], micro_bsz: int, seed: int, window_batches: int) -> None:
+        self.lengths, self.micro_bsz, self.seed, self.window_batches = list(lengths), micro_bsz, seed, window_batches
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, n_batches: int) -> None:
+        self._skip = n_batches
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.micro_bsz)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self._skip = self._skip, 0
+        yield from bucket_batches(self.lengths, self.micro_bsz, self.seed, self.epoch, self.window_batches)[skip:]
+
+
+@dataclass
+class Batch:
+    """Model inputs for one micro-batch.
+
+    Padded: `tokens, targets [B, T]` LongTensor, `loss_mask [B, T]` bool, `cu_seqlens` None.
+    Packed: `tokens, targets, loss_mask [1, total]` and `cu_seqlens [S+1]` LongTensor (sequence boundaries).
+    `n_real` is the number of non-padding input tokens.
+    """
+
+    tokens: Tensor
+    targets: Tensor
+    loss_mask: Tensor
+    cu_seqlens: Tensor | None
+    n_real: int
+
+    @property
+    def n_sequences(self) -> int:
+        return self.tokens.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+
+def pad_collate(samples: Sequence[Sample]) -> Batch:
+    """Right-pad to the longest sample in the batch (not to ctx_len); padded targets are masked out."""
+    width = max(s.n_inputs for s in samples)
+    tokens = torch.full((len(samples), width), PAD_ID, dtype=torch.long)
+    targets = torch.full_like(tokens, PAD_ID)
+    mask = torch.zeros(len(samples), width, dtype=torch.bool)
+    for row, s in enumerate(samples):
+        n = s.n_inputs
+        tokens[row, :n] = torch.tensor(s.ids[:-1])
+        targets[row, :n] = torch.tensor(s.ids[1:])
+        mask[row, :n] = torch.tensor(s.mask[1:])
+    return Batch(tokens, targets, mask, None, sum(s.n_inputs for s in samples))
+
+
+def pack_collate(samples: Sequence[Sample]) -> Batch:
+    """Concatenate the batch into one row `[1, total]` with `cu_seqlens`; no padding at all."""
+    tokens = torch.tensor([t for s in samples for t in s.ids[:-1]]).unsqueeze(0)
+    targets = torch.tensor([t for s in samples for t in s.ids[1:]]).unsqueeze(0)
+    mask = torch.tensor([m for s in samples for m in s.mask[1:]]).unsqueeze(0)
+    lengths = torch.tensor([0] + [s.n_inputs for s in samples])
+    return Batch(tokens, targets, mask, torch.cumsum(lengths, 0), int(lengths.sum()))
+
