@@ -83,11 +83,15 @@ def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
 
 def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
                    initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    """Plain float32 loop over time; shapes as in `wkv7` (no packing). Differentiable in all inputs."""
+    """Plain loop over time; shapes as in `wkv7` (no packing). Differentiable in all inputs.
+
+    Computes in float32 (float64 if r is float64, for gradcheck); returns out in r's dtype.
+    """
     dtype = r.dtype
-    r, k, v, a, b = (x.float() for x in (r, k, v, a, b))
-    decay = log_decay.float().exp()
-    state = initial_state.float()
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    r, k, v, a, b = (x.to(compute) for x in (r, k, v, a, b))
+    decay = log_decay.to(compute).exp()
+    state = initial_state.to(compute)
     outs = []
     for t in range(r.shape[1]):
         # S·diag(d) scales key columns; S aᵀ b is a rank-1 update built from the [value] vector S aᵀ.
