@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rwkv7.data import Sample, pad_collate
 from rwkv7.model import RWKV7
 from rwkv7.state import RWKVState
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-PAD_ID = 0
 HEAD_CHUNK = 4096  # scored positions per head matmul: bounds the [chunk, V] logits buffer (V = 65536)
 
 
@@ -153,18 +153,9 @@ def pick_best(results: Sequence[VariantResult]) -> VariantResult:
     return min(states, key=lambda r: r.score.loss)
 
 
-@dataclass(frozen=True)
-class Scored:
-    """One sequence to score: `ids [T]` and `mask [T]`, mask[t] true when token t is a target of the loss
-    (predicted from tokens < t). Position 0 is never scored: from the zero state nothing predicts it."""
-
-    ids: Sequence[int]
-    mask: Sequence[bool]
-
-
 @torch.no_grad()
 def consume(model: RWKV7, ids: Sequence[int], state: RWKVState | None = None) -> RWKVState:
-    """The batch-1 state after reading `ids` (e.g. a system prompt) from `state` (zeros if None)."""
+    """The batch-1 state after reading `ids` (e.g. a rendered system prompt) from `state` (zeros if None)."""
     if not ids:
         return state if state is not None else RWKVState.zeros(model.config, 1, model.device, model.dtype)
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
@@ -172,52 +163,39 @@ def consume(model: RWKV7, ids: Sequence[int], state: RWKVState | None = None) ->
     return final
 
 
-def _batches(seqs: Sequence[Scored], batch_size: int) -> list[list[Scored]]:
-    order = sorted(seqs, key=lambda s: len(s.ids), reverse=True)  # similar lengths together: little padding
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def _masked_nll(model: RWKV7, hidden: Tensor, targets: Tensor, mask: Tensor) -> float:
+    """Sum of −log p(target) over masked positions; the head runs only on the scored positions.
 
-
-def _pad(batch: Sequence[Scored], device: torch.device) -> tuple[Tensor, Tensor]:
-    """`tokens [B, T]` right-padded with PAD_ID, `mask [B, T]` (False on padding)."""
-    T = max(len(s.ids) for s in batch)
-    tokens = torch.full((len(batch), T), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.bool)
-    for i, s in enumerate(batch):
-        if len(s.ids) != len(s.mask):
-            raise ValueError(f"sequence {i}: {len(s.ids)} ids but {len(s.mask)} mask entries")
-        tokens[i, :len(s.ids)] = torch.tensor(list(s.ids), dtype=torch.long)
-        mask[i, :len(s.mask)] = torch.tensor(list(s.mask), dtype=torch.bool)
-    return tokens.to(device), mask.to(device)
-
-
-def _masked_nll(model: RWKV7, hidden: Tensor, tokens: Tensor, mask: Tensor) -> float:
-    """Sum of −log p(token t | < t) over masked t ≥ 1; the head runs only on the positions that are scored."""
-    scored = mask[:, 1:]
-    h = hidden[:, :-1][scored]       # [M, C]: the hidden state that predicts each scored target
-    targets = tokens[:, 1:][scored]  # [M]
+    `hidden [B, T, C]`, `targets [B, T]`, `mask [B, T]` bool.
+    """
+    h, t = hidden[mask], targets[mask]  # [M, C], [M]
     total = 0.0
     for i in range(0, h.shape[0], HEAD_CHUNK):
         logits = model.head(h[i:i + HEAD_CHUNK]).float()
-        total += F.cross_entropy(logits, targets[i:i + HEAD_CHUNK], reduction="sum").item()
+        total += F.cross_entropy(logits, t[i:i + HEAD_CHUNK], reduction="sum").item()
     return total
 
 
 @torch.no_grad()
-def score(model: RWKV7, seqs: Sequence[Scored], state: RWKVState | None = None,
+def score(model: RWKV7, samples: Sequence[Sample], state: RWKVState | None = None,
           batch_size: int = 8) -> LossScore:
-    """Masked next-token NLL of `seqs` read from `state` (a batch-1 initial state; zeros if None), batched.
+    """Masked next-token NLL of `samples` (from `rwkv7.data.load_samples`) read from `state`, batched.
 
-    Right padding is safe: the model is causal, so pad tokens after a sequence never change its scores.
+    `state` is a batch-1 initial state (zeros if None) shared by every sample, as in training. Samples are
+    sorted by length and right-padded with `rwkv7.data.pad_collate` (causal model: padding changes nothing);
+    the loss counts exactly the targets the training loss counts (`Sample.mask`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(samples, key=lambda s: len(s.ids), reverse=True)
     nll, n_tok, n_proc = 0.0, 0, 0
     t0 = time.perf_counter()
-    for batch in _batches(seqs, batch_size):
-        tokens, mask = _pad(batch, model.device)
-        hidden, _ = model(tokens, state, return_hidden=True)
-        nll += _masked_nll(model, hidden, tokens, mask)
-        n_tok += int(mask[:, 1:].sum())
-        n_proc += sum(len(s.ids) for s in batch)
-    return LossScore(nll_sum=nll, n_tokens=n_tok, n_sequences=len(seqs), n_processed=n_proc,
+    for i in range(0, len(order), batch_size):
+        batch = pad_collate(order[i:i + batch_size])
+        mask = batch.loss_mask.to(model.device)
+        hidden, _ = model(batch.tokens.to(model.device), state, return_hidden=True)
+        nll += _masked_nll(model, hidden, batch.targets.to(model.device), mask)
+        n_tok += int(mask.sum())
+        n_proc += batch.n_real
+    return LossScore(nll_sum=nll, n_tokens=n_tok, n_sequences=len(samples), n_processed=n_proc,
                      seconds=time.perf_counter() - t0)

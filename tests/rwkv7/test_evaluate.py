@@ -93,8 +93,8 @@ def test_prompt_baseline_equals_scoring_the_concatenation(small_model):
     """Consuming a prefix into the state, then scoring, = scoring prefix+sequence with the prefix unscored."""
     prefix = [11, 22, 33, 44]
     samples = _samples([7, 12], seed=1)
-    joined = [Sample(prefix + s.ids, [False] * len(prefix) + s.mask, s.source) for s in samples]
-    # in the joined sequence the dialogue's first token is predicted too; make it unscored in both
+    # in the joined sequence the dialogue's first token has a prediction too; the loss never counts it
+    joined = [Sample(prefix + s.ids, [False] * (len(prefix) + 1) + s.mask[1:], s.source) for s in samples]
     ref_nll, ref_n = _reference_nll(small_model, joined)
     got = score(small_model, samples, state=consume(small_model, prefix))
     assert got.n_tokens == ref_n
