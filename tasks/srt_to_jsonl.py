@@ -1,0 +1,557 @@
+"""srt_to_jsonl stage: subtitle files (.srt) → dialogue records `{"id", "messages", "source"}` (jsonl).
+
+Per file: bytes → text (encoding chain) → cue blocks → cleaned pieces → roles (speaker strategy) → utterances
+(merged by timing) → messages → windows, each a record that starts with the user and ends with the assistant.
+
+Why we split the cue blocks ourselves and hand each block to pysrt (`SubRipItem.from_lines`, which raises like
+`error_handling=ERROR_RAISE` does): pysrt's own splitter silently merges a cue into the previous one when the
+blank line between them is missing and, by default, silently drops a cue with a bad timestamp; it also reads
+`00:00:0x,000` as zero. Our splitter knows the line number of every block, so each malformed cue is reported as
+`file:line: reason`; strict mode raises `DataError`, lenient mode counts it in the stats and skips it (a missing
+blank line is repaired and counted instead). Every block ends up either a cue or a counted problem.
+
+Speaker strategies (`speaker_strategy`, one small function each, picked by name in `STRATEGIES`):
+- `tags`: explicit labels (`NEGA: …`, `[User] …`, names from `speaker_labels`); an unlabelled line continues
+  the previous speaker, a dash line (`- …`) switches speaker.
+- `alternating`: every cue (and every dash line) is a new turn of the other speaker, starting with
+  `first_speaker`; a cue that follows within `continuation_gap_s` a cue without final punctuation continues it.
+- `monologue`: everything is the assistant; each record pairs a chunk with `monologue_prompt` as the user turn.
+- `auto`: `tags` when the file has any label, else `alternating`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import fnmatch
+import hashlib
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pysrt
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.common import DataError, StageStats, load_section, write_jsonl
+
+Role = Literal["user", "assistant"]
+Strategy = Literal["auto", "tags", "alternating", "monologue"]
+
+MS_PER_S = 1000
+ID_HEX_CHARS = 16
+SNIPPET_CHARS = 60
+# A BOM-less file is taken as UTF-16 when at least this share of its odd (LE) or even (BE) bytes are NUL.
+UTF16_MIN_NUL_SHARE = 0.3
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+TIMESTAMP_RE = re.compile(r"^\d+:\d{2}:\d{2}[,.]\d{1,3}\s*-->\s*\d+:\d{2}:\d{2}[,.]\d{1,3}(?:\s+\S.*)?$")
+HTML_TAG_RE = re.compile(r"</?[A-Za-z][^<>]*>")
+ASS_TAG_RE = re.compile(r"\{\\[^{}]*\}")
+BRACKETED_RE = re.compile(r"\[[^\[\]]*\]")
+PARENTHESIZED_RE = re.compile(r"\(([^()]*)\)")
+BRACKET_LABEL_RE = re.compile(r"^\[([^\[\]]{1,40})\]\s*:?\s*")
+COLON_LABEL_RE = re.compile(r"^([^\W\d][\w .'-]{0,39}?)\s*:\s+")
+DASH_RE = re.compile(r"^[-\u2010-\u2015]\s*")
+MUSIC_CHARS = "♪♫♬♩"
+FINAL_PUNCTUATION = ".?!…\"'”’)"
+
+DEFAULT_SOUND_WORDS = [
+    "music", "applause", "laughter", "laughs", "laughing", "chuckles", "sighs", "silence", "inaudible",
+    "noise", "cheering", "clapping", "coughs", "static", "beep", "blank_audio",
+]
+DEFAULT_HALLUCINATIONS = [
+    "thanks for watching", "thank you for watching", "thank you so much for watching",
+    "thanks for watching and see you next time", "please subscribe", "please like and subscribe",
+    "like and subscribe", "don't forget to like and subscribe", "subtitles by the amara.org community",
+    "subtitles by amara.org", "subtitles made by the community of amara.org", "transcription by castingwords",
+    "you", "字幕由amara.org社区提供", "请不吝点赞 订阅 转发 打赏支持明镜与点点栏目",
+]
+
+
+class FileOverride(BaseModel):
+    """Settings for files whose name matches a glob in `per_file`."""
+
+    model_config = ConfigDict(extra="forbid")
+    speaker_strategy: Strategy | None = None
+    first_speaker: Role | None = None
+
+
+class SrtToJsonlParams(BaseModel):
+    """The `srt_to_jsonl` section of params.yaml (times in seconds, sizes in characters)."""
+
+    model_config = ConfigDict(extra="forbid")
+    strict: bool = False
+    legacy_encodings: list[str] = Field(default_factory=lambda: ["cp1252"])
+    speaker_strategy: Strategy = "auto"
+    first_speaker: Role = "user"
+    per_file: dict[str, FileOverride] = Field(
+        default_factory=lambda: {"*monologue*": FileOverride(speaker_strategy="monologue")}
+    )
+    speaker_labels: dict[str, Role] = Field(
+        default_factory=lambda: {"NEGA": "assistant", "User": "user", "Learner": "user", "Student": "user"}
+    )
+    monologue_prompt: str = "NEGA, could you teach me a bit of English grammar?"
+    system_prompt: str | None = None
+    merge_gap_s: float = Field(1.5, ge=0)
+    continuation_gap_s: float = Field(0.5, ge=0)
+    max_turns: int = Field(12, ge=2)
+    max_chars: int = Field(3000, gt=0)
+    overlap_turns: int = Field(0, ge=0)
+    sound_words: list[str] = Field(default_factory=lambda: list(DEFAULT_SOUND_WORDS))
+    hallucinations: list[str] = Field(default_factory=lambda: list(DEFAULT_HALLUCINATIONS))
+
+    @field_validator("legacy_encodings")
+    @classmethod
+    def _known_codecs(cls, names: list[str]) -> list[str]:
+        for name in names:
+            try:
+                codecs.lookup(name)
+            except LookupError:
+                raise ValueError(f"unknown codec {name!r}") from None
+        return names
+
+    @field_validator("max_turns", "overlap_turns")
+    @classmethod
+    def _even(cls, n: int) -> int:
+        if n % 2:
+            raise ValueError(f"must be even (user + assistant pairs), got {n}")
+        return n
+
+    @model_validator(mode="after")
+    def _overlap_below_max(self) -> SrtToJsonlParams:
+        if self.overlap_turns >= self.max_turns:
+            raise ValueError(f"overlap_turns ({self.overlap_turns}) must be below max_turns ({self.max_turns})")
+        return self
+
+
+@dataclass
+class Block:
+    line: int  # 1-based line number of the block's first line
+    lines: list[str]
+    missing_blank: bool = False
+
+
+@dataclass
+class Cue:
+    number: int  # the SRT index, or the 1-based position when the index is missing
+    line: int
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Piece:
+    """One speaker's text inside one cue; `label` is an explicit role, `dash` marks a dash turn."""
+
+    cue: Cue
+    text: str
+    label: Role | None = None
+    dash: bool = False
+
+
+@dataclass
+class Utterance:
+    role: Role
+    text: str
+    start: float
+    end: float
+    cues: tuple[int, int]
+
+
+@dataclass
+class FileReport:
+    """What reading one file found: problems (`file:line: reason`) and counts by reason."""
+
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+    repaired: Counter[str] = field(default_factory=Counter)
+
+
+def decode_srt(data: bytes, legacy_encodings: Sequence[str], path: Path) -> tuple[str, str]:
+    """Bytes → (text with `\\n` line ends, codec name): BOM, then BOM-less UTF-16, UTF-8, legacy codecs."""
+    for bom, codec in BOMS:
+        if data.startswith(bom):
+            return _decode(data[len(bom):], codec, path), f"{codec}-bom"
+    if b"\x00" in data:
+        half = max(len(data) // 2, 1)
+        if data[1::2].count(0) / half >= UTF16_MIN_NUL_SHARE:
+            return _decode(data, "utf-16-le", path), "utf-16-le"
+        if data[0::2].count(0) / half >= UTF16_MIN_NUL_SHARE:
+            return _decode(data, "utf-16-be", path), "utf-16-be"
+        raise DataError(f"{path}: contains NUL bytes but does not look like UTF-16")
+    for codec in ("utf-8", *legacy_encodings):
+        try:
+            return _normalize_newlines(data.decode(codec)), codec
+        except UnicodeDecodeError:
+            continue
+    raise DataError(f"{path}: not UTF-8 and not decodable with legacy_encodings {list(legacy_encodings)}")
+
+
+def _decode(data: bytes, codec: str, path: Path) -> str:
+    try:
+        return _normalize_newlines(data.decode(codec))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid {codec} at byte {e.start}") from None
+
+
+def _normalize_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def split_blocks(text: str) -> list[Block]:
+    """Split on blank lines; a second timestamp line inside a block starts a new block (missing blank line).
+
+    >>> [(b.line, b.missing_blank) for b in split_blocks("1\\n0:00:01,0 --> 0:00:02,0\\nHi\\n2\\n0:00:03,0 --> 0:00:04,0\\nYo")]
+    [(1, False), (4, True)]
+    """
+    blocks: list[Block] = []
+    current: Block | None = None
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip()
+        if not line:
+            current = None
+            continue
+        if current is None:
+            current = Block(lineno, [])
+            blocks.append(current)
+        elif "-->" in line and any("-->" in seen for seen in current.lines):
+            carried = [current.lines.pop()] if current.lines[-1].isdigit() else []
+            current = Block(lineno - len(carried), carried, missing_blank=True)
+            blocks.append(current)
+        current.lines.append(line)
+    return blocks
+
+
+def parse_block(block: Block, position: int) -> Cue | tuple[int, str]:
+    """A block → `Cue`, or `(line, reason)` when it is malformed (reason: bad_index, bad_timestamp, …)."""
+    lines = block.lines
+    ts_at = 0 if "-->" in lines[0] else 1
+    if ts_at == 1 and not lines[0].isdigit():
+        return (block.line, "bad_index" if len(lines) > 1 and "-->" in lines[1] else "stray_text")
+    if ts_at >= len(lines) or not TIMESTAMP_RE.match(lines[ts_at]):
+        return (block.line + ts_at, "bad_timestamp")
+    try:
+        item = pysrt.SubRipItem.from_lines(lines)
+    except pysrt.Error:
+        return (block.line + ts_at, "bad_timestamp")
+    start, end = item.start.ordinal / MS_PER_S, item.end.ordinal / MS_PER_S
+    if end < start:
+        return (block.line + ts_at, "end_before_start")
+    number = item.index if isinstance(item.index, int) else position
+    return Cue(number, block.line, start, end, item.text)
+
+
+def read_cues(path: Path, text: str, strict: bool, report: FileReport) -> list[Cue]:
+    """Parse every block; strict mode raises `DataError` on the first problem, lenient mode records it."""
+    cues: list[Cue] = []
+    blocks = split_blocks(text)
+    previous_ok = False
+    for position, block in enumerate(blocks, 1):
+        if block.missing_blank:
+            _problem(path, block.line, "missing_blank_line", block, strict, report, "repaired")
+            report.repaired["missing_blank_line"] += 1
+        parsed = parse_block(block, position)
+        if isinstance(parsed, Cue):
+            if previous_ok and parsed.number != cues[-1].number + 1:
+                report.problems.append(_problem_entry(path, block.line, "index_gap", block, "warning"))
+            cues.append(parsed)
+            previous_ok = True
+        else:
+            _problem(path, parsed[0], parsed[1], block, strict, report, "skipped")
+            report.dropped[f"malformed_{parsed[1]}"] += 1
+            previous_ok = False
+    assert len(cues) + sum(n for r, n in report.dropped.items() if r.startswith("malformed_")) == len(blocks)
+    return cues
+
+
+def _problem_entry(path: Path, line: int, reason: str, block: Block, action: str) -> dict[str, Any]:
+    snippet = " | ".join(block.lines)[:SNIPPET_CHARS]
+    return {"file": path.as_posix(), "line": line, "reason": reason, "action": action, "text": snippet}
+
+
+def _problem(path: Path, line: int, reason: str, block: Block, strict: bool, report: FileReport, action: str) -> None:
+    """Strict mode: raise naming file:line; lenient mode: record the problem and what was done about it."""
+    entry = _problem_entry(path, line, reason, block, action)
+    if strict:
+        raise DataError(f"{path}:{line}: {reason}: {entry['text']!r} (set srt_to_jsonl.strict: false to skip)")
+    report.problems.append(entry)
+
+
+def normalize_for_match(text: str) -> str:
+    """Lowercase, punctuation to spaces: `Thanks for watching!` → `thanks for watching`."""
+    return " ".join(re.sub(r"[^\w']+", " ", text.casefold()).split())
+
+
+def clean_line(line: str, sound_words: frozenset[str]) -> str:
+    """Remove sound/music annotations: `[Music]`, `(applause)`, lines of lyrics between ♪ marks."""
+    if line[:1] in MUSIC_CHARS or line[-1:] in MUSIC_CHARS:
+        return ""
+    line = BRACKETED_RE.sub(" ", line)
+    line = PARENTHESIZED_RE.sub(lambda m: " " if sound_words & set(normalize_for_match(m[1]).split()) else m[0], line)
+    return " ".join(line.split())
+
+
+def cue_pieces(cue: Cue, params: SrtToJsonlParams, report: FileReport) -> list[Piece]:
+    """A cue's text → pieces: tags stripped, labels/dashes read, sound marks removed; lines of one turn joined."""
+    labels = {name.casefold(): role for name, role in params.speaker_labels.items()}
+    sound_words = frozenset(w.casefold() for w in params.sound_words)
+    text = ASS_TAG_RE.sub("", HTML_TAG_RE.sub("", cue.text))
+    pieces: list[Piece] = []
+    for raw in text.split("\n"):
+        line, dash, label = raw.strip(), False, None
+        if DASH_RE.match(line) and len(line) > 1:
+            line, dash = DASH_RE.sub("", line, count=1), True
+        for pattern in (BRACKET_LABEL_RE, COLON_LABEL_RE):
+            m = pattern.match(line)
+            if m and m[1].strip().casefold() in labels:
+                line, label = line[m.end():], labels[m[1].strip().casefold()]
+                break
+        line = clean_line(line, sound_words)
+        if not re.search(r"\w", line):
+            report.dropped["sound_or_empty_line"] += 1
+            continue
+        if pieces and not dash and label is None:
+            pieces[-1].text += " " + line
+        else:
+            pieces.append(Piece(cue, line, label, dash))
+    return pieces
+
+
+def clean_pieces(pieces: list[Piece], hallucinations: frozenset[str], report: FileReport) -> list[Piece]:
+    """Drop known Whisper hallucinations and a piece that repeats the previous one (same label and text)."""
+    kept: list[Piece] = []
+    for piece in pieces:
+        norm = normalize_for_match(piece.text)
+        if norm in hallucinations:
+            report.dropped["hallucination"] += 1
+        elif kept and kept[-1].label == piece.label and normalize_for_match(kept[-1].text) == norm:
+            report.dropped["repeated_line"] += 1
+        else:
+            kept.append(piece)
+    return kept
+
+
+def _other(role: Role | None, first: Role) -> Role:
+    if role is None:
+        return first
+    return "assistant" if role == "user" else "user"
+
+
+def roles_tags(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
+    roles: list[Role] = []
+    for piece in pieces:
+        prev = roles[-1] if roles else None
+        roles.append(piece.label or (_other(prev, first) if piece.dash else prev or first))
+    return roles
+
+
+def roles_alternating(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
+    roles: list[Role] = []
+    for i, piece in enumerate(pieces):
+        prev = pieces[i - 1] if i else None
+        continues = (
+            prev is not None and not piece.dash and prev.cue is not piece.cue
+            and piece.cue.start - prev.cue.end <= params.continuation_gap_s
+            and not prev.text.endswith(tuple(FINAL_PUNCTUATION))
+        )
+        roles.append(roles[-1] if continues else _other(roles[-1] if roles else None, first))
+    return roles
+
+
+def roles_monologue(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
+    return ["assistant"] * len(pieces)
+
+
+def roles_auto(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
+    chosen = roles_tags if any(p.label for p in pieces) else roles_alternating
+    return chosen(pieces, params, first)
+
+
+STRATEGIES: dict[str, Callable[[list[Piece], SrtToJsonlParams, Role], list[Role]]] = {
+    "auto": roles_auto, "tags": roles_tags, "alternating": roles_alternating, "monologue": roles_monologue,
+}
+
+
+def merge_utterances(pieces: list[Piece], roles: list[Role], merge_gap_s: float) -> list[Utterance]:
+    """Join consecutive pieces of the same role that are at most `merge_gap_s` apart into one utterance."""
+    out: list[Utterance] = []
+    for piece, role in zip(pieces, roles, strict=True):
+        last = out[-1] if out else None
+        if last and last.role == role and piece.cue.start - last.end <= merge_gap_s:
+            last.text += " " + piece.text
+            last.end, last.cues = max(last.end, piece.cue.end), (last.cues[0], piece.cue.number)
+        else:
+            out.append(Utterance(role, piece.text, piece.cue.start, piece.cue.end, (piece.cue.number,) * 2))
+    return out
+
+
+def to_messages(utterances: list[Utterance]) -> list[Utterance]:
+    """Consecutive utterances of one role become one message (a pause becomes a line break)."""
+    out: list[Utterance] = []
+    for u in utterances:
+        if out and out[-1].role == u.role:
+            last = out[-1]
+            out[-1] = Utterance(u.role, f"{last.text}\n{u.text}", last.start, u.end, (last.cues[0], u.cues[1]))
+        else:
+            out.append(Utterance(u.role, u.text, u.start, u.end, u.cues))
+    return out
+
+
+def window_dialogue(messages: list[Utterance], params: SrtToJsonlParams, report: FileReport) -> list[list[Utterance]]:
+    """Alternating messages → windows of whole (user, assistant) exchanges within max_turns and max_chars.
+
+    A leading assistant message and a trailing user message have no partner and are dropped (counted);
+    a single exchange longer than `max_chars` still makes a window of its own (counted as over_max_chars).
+    """
+    while messages and messages[0].role == "assistant":
+        messages = messages[1:]
+        report.dropped["leading_assistant_message"] += 1
+    if messages and messages[-1].role == "user":
+        messages = messages[:-1]
+        report.dropped["trailing_user_message"] += 1
+    exchanges = [messages[i:i + 2] for i in range(0, len(messages), 2)]
+    max_ex, overlap_ex = params.max_turns // 2, params.overlap_turns // 2
+    windows: list[list[Utterance]] = []
+    start = 0
+    while start < len(exchanges):
+        end, chars = start, 0
+        while end < len(exchanges) and end - start < max_ex:
+            size = sum(len(m.text) for m in exchanges[end])
+            if end > start and chars + size > params.max_chars:
+                break
+            end, chars = end + 1, chars + size
+        if chars > params.max_chars:
+            report.repaired["over_max_chars_kept"] += 1
+        windows.append([m for ex in exchanges[start:end] for m in ex])
+        if end == len(exchanges):
+            break
+        start = max(end - overlap_ex, start + 1)
+    return windows
+
+
+def window_monologue(utterances: list[Utterance], params: SrtToJsonlParams) -> list[list[Utterance]]:
+    """Monologue utterances → chunks of at most `max_chars`, each answering `monologue_prompt`."""
+    chunks: list[list[Utterance]] = []
+    for u in utterances:
+        if chunks and sum(len(x.text) + 1 for x in chunks[-1]) + len(u.text) <= params.max_chars:
+            chunks[-1].append(u)
+        else:
+            chunks.append([u])
+    windows = []
+    for chunk in chunks:
+        (answer,) = to_messages(chunk)
+        prompt = Utterance("user", params.monologue_prompt, answer.start, answer.start, answer.cues)
+        windows.append([prompt, answer])
+    return windows
+
+
+def make_record(window: list[Utterance], path: Path, strategy: str, encoding: str, system: str | None) -> dict:
+    """A window → dialogue record with a content-hash id and provenance."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": m.role, "content": m.text} for m in window
+    ]
+    digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    source = {
+        "origin": "srt", "file": path.as_posix(), "cues": [window[0].cues[0], window[-1].cues[1]],
+        "start": round(window[0].start, 3), "end": round(window[-1].end, 3),
+        "speaker_strategy": strategy, "encoding": encoding,
+    }
+    return {"id": f"srt-{digest[:ID_HEX_CHARS]}", "messages": messages, "source": source}
+
+
+def file_settings(path: Path, params: SrtToJsonlParams) -> tuple[str, Role]:
+    """(strategy, first speaker) for a file: the first matching `per_file` glob overrides the defaults."""
+    for pattern, override in params.per_file.items():
+        if fnmatch.fnmatchcase(path.name.casefold(), pattern.casefold()):
+            return (override.speaker_strategy or params.speaker_strategy, override.first_speaker or params.first_speaker)
+    return params.speaker_strategy, params.first_speaker
+
+
+def convert_file(path: Path, params: SrtToJsonlParams, report: FileReport) -> tuple[list[dict], str, int]:
+    """One .srt file → (records, encoding, number of cues)."""
+    text, encoding = decode_srt(path.read_bytes(), params.legacy_encodings, path)
+    cues = read_cues(path, text, params.strict, report)
+    pieces = [p for cue in cues for p in cue_pieces(cue, params, report)]
+    pieces = clean_pieces(pieces, frozenset(map(normalize_for_match, params.hallucinations)), report)
+    strategy, first = file_settings(path, params)
+    utterances = merge_utterances(pieces, STRATEGIES[strategy](pieces, params, first), params.merge_gap_s)
+    if strategy == "monologue":
+        windows = window_monologue(utterances, params)
+    else:
+        windows = window_dialogue(to_messages(utterances), params, report)
+    return [make_record(w, path, strategy, encoding, params.system_prompt) for w in windows], encoding, len(cues)
+
+
+def find_srt_files(inputs: Sequence[Path]) -> list[Path]:
+    """Every `.srt` file (any case) under the inputs (files or directories), sorted per input."""
+    files: list[Path] = []
+    for inp in inputs:
+        if inp.is_file():
+            files.append(inp)
+        elif inp.is_dir():
+            files.extend(sorted(p for p in inp.rglob("*") if p.is_file() and p.suffix.lower() == ".srt"))
+        else:
+            raise DataError(f"{inp}: input path does not exist")
+    return files
+
+
+def srt_to_jsonl(inputs: Sequence[Path], out: Path, stats_path: Path, params: SrtToJsonlParams) -> dict[str, Any]:
+    """Convert every .srt under `inputs` into `out` (jsonl records); write and return the stats."""
+    stats = StageStats("srt_to_jsonl")
+    report, encodings, seen, empty_files = FileReport(), Counter[str](), set(), 0
+    records: list[dict] = []
+    files = find_srt_files(inputs)
+    for path in files:
+        file_records, encoding, n_cues = convert_file(path, params, report)
+        encodings[encoding] += 1
+        stats.read += n_cues
+        empty_files += n_cues == 0
+        for record in file_records:
+            if record["id"] in seen:
+                report.dropped["duplicate_record"] += 1
+                continue
+            seen.add(record["id"])
+            records.append(record)
+    stats.written = write_jsonl(out, records)
+    stats.dropped.update(+report.dropped)
+    stats.extra.update(
+        unit_read="cues", unit_written="records", files=len(files), empty_files=empty_files, encodings=dict(sorted(encodings.items())),
+        repaired=dict(sorted(report.repaired.items())), messages=sum(len(r["messages"]) for r in records),
+        problems=report.problems,
+    )
+    return stats.save(stats_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.srt_to_jsonl", description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section srt_to_jsonl)")
+    parser.add_argument("--in", dest="inputs", type=Path, action="append", required=True,
+                        help="a directory searched recursively for .srt files, or one .srt file (repeatable)")
+    parser.add_argument("--out", type=Path, required=True, help="output jsonl of dialogue records")
+    parser.add_argument("--stats", type=Path, required=True, help="output stats JSON")
+    args = parser.parse_args(argv)
+    params = load_section(SrtToJsonlParams, "srt_to_jsonl", args.params)
+    stats = srt_to_jsonl(args.inputs, args.out, args.stats, params)
+    print(
+        f"srt_to_jsonl: {stats['files']} files, {stats['read']} cues -> {stats['written']} records; "
+        f"dropped {stats['dropped']}; {len(stats['problems'])} problems (see {args.stats})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
