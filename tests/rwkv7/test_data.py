@@ -1,0 +1,109 @@
+"""Training data: records → ids + masks, the length policy, errors, bucketing and the two collates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv7.data import (BucketBatchSampler, DatasetError, Sample, bucket_batches, encode_segments, load_samples,
+                        pack_collate, pad_collate)
+from rwkv7.template import render
+
+
+def byte_encode(text: str) -> list[int]:
+    """A real (if simple) tokenizer: one id per UTF-8 byte, so lengths are easy to count by hand."""
+    return list(text.encode("utf-8"))
+
+
+def write_jsonl(path: Path, objs: list) -> Path:
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs), encoding="utf-8")
+    return path
+
+
+def dialogue(user: str, reply: str, rid: str = "r") -> dict:
+    return {"id": rid, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}],
+            "source": {}}
+
+
+def test_assistant_mask_covers_reply_and_closing_separator_only() -> None:
+    ids, mask = encode_segments(render(dialogue("hi", "yo")["messages"]), byte_encode)
+    text = bytes(ids).decode()
+    assert text == "User: hi\n\nAssistant: yo\n\n"
+    assert "".join(c for c, m in zip(text, mask) if m) == " yo\n\n"
+    _, all_mask = encode_segments(render(dialogue("hi", "yo")["messages"]), byte_encode, loss_on="all")
+    assert all(all_mask)
+
+
+def test_load_samples_counts_every_drop_reason(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        dialogue("hi", "yo", "ok"),
+        {"id": "bad", "messages": [{"role": "user", "content": "only a question"}]},
+        {"text": "User: q\n\nAssistant: a"},
+        {"text": "no reply here"},
+        {"neither": 1},
+        dialogue("x" * 20, "long reply " * 20, "long"),
+    ])
+    samples, stats = load_samples(path, byte_encode, ctx_len=60)
+    assert [s.source for s in samples] == ["ok", f"{path}:3", "long"]
+    assert stats.read == 6 and stats.used == 3 and stats.truncated == 1
+    assert stats.dropped == {"invalid_record": 2, "no_trainable_tokens": 1}
+    assert all(len(s.ids) <= 61 for s in samples)
+    assert stats.tokens == sum(s.n_inputs for s in samples)
+    assert stats.as_dict()["dropped_total"] == 3 and len(stats.examples) == 3
+
+
+def test_overlong_drop_policy_and_truncation_that_cuts_all_replies(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [dialogue("x" * 80, "yo")])
+    with pytest.raises(DatasetError, match="no_trainable_tokens_after_truncation"):
+        load_samples(path, byte_encode, ctx_len=40)
+    with pytest.raises(DatasetError, match="too_long"):
+        load_samples(path, byte_encode, ctx_len=40, overlong="drop")
+    samples, _ = load_samples(path, byte_encode, ctx_len=40, loss_on="all")
+    assert len(samples[0].ids) == 41 and bytes(samples[0].ids).decode().startswith("User: xxx")
+
+
+def test_empty_or_missing_or_broken_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not found"):
+        load_samples(tmp_path / "nope.jsonl", byte_encode, 10)
+    with pytest.raises(DatasetError, match="no usable training sample"):
+        load_samples(write_jsonl(tmp_path / "empty.jsonl", []), byte_encode, 10)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2: not valid JSON"):
+        load_samples(tmp_path / "bad.jsonl", byte_encode, 10)
+
+
+def test_bucket_batches_cover_every_sample_once_and_group_lengths() -> None:
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+    batches = bucket_batches(lengths, micro_bsz=8, seed=3, epoch=0, window_batches=8)
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    assert all(len(b) == 8 for b in batches)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    unsorted = sum(max(lengths[i] for i in range(j, j + 8)) * 8 for j in range(0, 64, 8))
+    assert padded / sum(lengths) < 1.15 < unsorted / sum(lengths)
+    assert batches == bucket_batches(lengths, 8, 3, 0, 8)
+    assert batches != bucket_batches(lengths, 8, 3, 1, 8)
+
+
+def test_sampler_skip_resumes_mid_epoch() -> None:
+    sampler = BucketBatchSampler(list(range(1, 21)), micro_bsz=4, seed=0, window_batches=2)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip(3)
+    assert list(sampler) == full[3:]
+    assert list(sampler) == full and len(sampler) == 5
+
+
+def test_pad_and_pack_collate_hold_the_same_tokens() -> None:
+    samples = [Sample([1, 2, 3, 4], [False, False, True, True], "a"), Sample([5, 6], [True, True], "b")]
+    padded = pad_collate(samples)
+    assert padded.tokens.tolist() == [[1, 2, 3], [5, 0, 0]]
+    assert padded.targets.tolist() == [[2, 3, 4], [6, 0, 0]]
+    assert padded.loss_mask.tolist() == [[False, True, True], [True, False, False]]
+    assert padded.n_real == 4 and padded.cu_seqlens is None and padded.n_sequences == 2
+    packed = pack_collate(samples)
+    assert packed.tokens.tolist() == [[1, 2, 3, 5]] and packed.targets.tolist() == [[2, 3, 4, 6]]
+    assert packed.cu_seqlens.tolist() == [0, 3, 4] and packed.n_real == 4 and packed.n_sequences == 2
+    assert torch.equal(packed.loss_mask[0], padded.loss_mask[padded.tokens != 0])
