@@ -6,7 +6,7 @@ Per file: bytes → text (encoding chain) → cue blocks → cleaned pieces → 
 Why we split the cue blocks ourselves and hand each block to pysrt (`SubRipItem.from_lines`, which raises like
 `error_handling=ERROR_RAISE` does): pysrt's own splitter silently merges a cue into the previous one when the
 blank line between them is missing and, by default, silently drops a cue with a bad timestamp; it also reads
-`00:00:0x,000` as zero. Our splitter knows the line number of every block, so each malformed cue is reported as
+`00:00:0x,000` as zero and `00:00:01.5` as 1.005 s. Our splitter knows the line number of every block, so each malformed cue is reported as
 `file:line: reason`; strict mode raises `DataError`, lenient mode counts it in the stats and skips it (a missing
 blank line is repaired and counted instead). Every block ends up either a cue or a counted problem.
 
@@ -54,7 +54,8 @@ BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16-le"),
     (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
-TIMESTAMP_RE = re.compile(r"^\d+:\d{2}:\d{2}[,.]\d{1,3}\s*-->\s*\d+:\d{2}:\d{2}[,.]\d{1,3}(?:\s+\S.*)?$")
+# Three-digit milliseconds: pysrt reads `00:00:01.5` as 1.005 s.
+TIMESTAMP_RE = re.compile(r"^\d+:\d{2}:\d{2}[,.]\d{3}\s*-->\s*\d+:\d{2}:\d{2}[,.]\d{3}(?:\s+\S.*)?$")
 HTML_TAG_RE = re.compile(r"</?[A-Za-z][^<>]*>")
 ASS_TAG_RE = re.compile(r"\{\\[^{}]*\}")
 BRACKETED_RE = re.compile(r"\[[^\[\]]*\]")
@@ -294,10 +295,10 @@ def normalize_for_match(text: str) -> str:
 
 
 def clean_line(line: str, sound_words: frozenset[str]) -> str:
-    """Remove sound/music annotations: `[Music]`, `(applause)`, lines of lyrics between ♪ marks."""
-    if line[:1] in MUSIC_CHARS or line[-1:] in MUSIC_CHARS:
+    """Remove sound/music annotations: `[Music]`, `(applause)`, a line of lyrics (starting with ♪), ♪ marks."""
+    if line[:1] in MUSIC_CHARS:
         return ""
-    line = BRACKETED_RE.sub(" ", line)
+    line = BRACKETED_RE.sub(" ", line.translate({ord(c): " " for c in MUSIC_CHARS}))
     line = PARENTHESIZED_RE.sub(lambda m: " " if sound_words & set(normalize_for_match(m[1]).split()) else m[0], line)
     return " ".join(line.split())
 
