@@ -3,8 +3,26 @@
 Usable on its own (`import rwkv7`); knows nothing of the pipeline in `tasks/` and `flows/`.
 """
 
-from rwkv7.checkpoint import ModelConfig
-from rwkv7.model import RWKV7, load_model
-from rwkv7.state import RWKVState, load_state, save_state
+from __future__ import annotations
 
-__all__ = ["RWKV7", "ModelConfig", "RWKVState", "load_model", "load_state", "save_state"]
+import importlib
+from typing import Any
+
+# Public names, imported on first use so that `import rwkv7.tokenizer` stays free of torch.
+_EXPORTS = {
+    "ModelConfig": "rwkv7.checkpoint",
+    "RWKV7": "rwkv7.model",
+    "load_model": "rwkv7.model",
+    "RWKVState": "rwkv7.state",
+    "load_state": "rwkv7.state",
+    "save_state": "rwkv7.state",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rwkv7' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from rwkv7.atomic import atomic_path, write_json
+from rwkv7.tokenizer import TOKENIZER_ID
 
 if TYPE_CHECKING:
     from rwkv7.checkpoint import ModelConfig
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 STATE_FORMAT_VERSION = 1
 STATE_KIND = "statetune.rwkv7_state"
-TOKENIZER_ID = "rwkv_vocab_v20230424"
 _STATE_KEY = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
 
 
