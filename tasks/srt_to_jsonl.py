@@ -6,9 +6,9 @@ Per file: bytes → text (encoding chain) → cue blocks → cleaned pieces → 
 Why we split the cue blocks ourselves and hand each block to pysrt (`SubRipItem.from_lines`, which raises like
 `error_handling=ERROR_RAISE` does): pysrt's own splitter silently merges a cue into the previous one when the
 blank line between them is missing and, by default, silently drops a cue with a bad timestamp; it also reads
-`00:00:0x,000` as zero and `00:00:01.5` as 1.005 s. Our splitter knows the line number of every block, so each malformed cue is reported as
-`file:line: reason`; strict mode raises `DataError`, lenient mode counts it in the stats and skips it (a missing
-blank line is repaired and counted instead). Every block ends up either a cue or a counted problem.
+`00:00:0x,000` as zero and `00:00:01.5` as 1.005 s. Our splitter knows the line number of every block, so each
+malformed cue is reported as `file:line: reason`; strict mode raises `DataError`, lenient mode counts it in the
+stats and skips it (a missing blank line is repaired and noted instead). Every block becomes a cue or a problem.
 
 Speaker strategies (`speaker_strategy`, one small function each, picked by name in `STRATEGIES`):
 - `tags`: explicit labels (`NEGA: …`, `[User] …`, names from `speaker_labels`); an unlabelled line continues
@@ -16,7 +16,7 @@ Speaker strategies (`speaker_strategy`, one small function each, picked by name 
 - `alternating`: every cue (and every dash line) is a new turn of the other speaker, starting with
   `first_speaker`; a cue that follows within `continuation_gap_s` a cue without final punctuation continues it.
 - `monologue`: everything is the assistant; each record pairs a chunk with `monologue_prompt` as the user turn.
-- `auto`: `tags` when the file has any label, else `alternating`.
+- `auto`: `tags` when the file has any label, else `alternating` (provenance records the one used).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ ASS_TAG_RE = re.compile(r"\{\\[^{}]*\}")
 BRACKETED_RE = re.compile(r"\[[^\[\]]*\]")
 PARENTHESIZED_RE = re.compile(r"\(([^()]*)\)")
 BRACKET_LABEL_RE = re.compile(r"^\[([^\[\]]{1,40})\]\s*:?\s*")
-COLON_LABEL_RE = re.compile(r"^([^\W\d][\w .'-]{0,39}?)\s*:\s+")
+COLON_LABEL_RE = re.compile(r"^([^\W\d][\w .'-]{0,39}?)\s*:(?:\s+|$)")
 DASH_RE = re.compile(r"^[-\u2010-\u2015]\s*")
 MUSIC_CHARS = "♪♫♬♩"
 FINAL_PUNCTUATION = ".?!…\"'”’)"
@@ -176,44 +176,35 @@ class FileReport:
 
     problems: list[dict[str, Any]] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
-    repaired: Counter[str] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)  # repairs and kept oddities, by kind
 
 
 def decode_srt(data: bytes, legacy_encodings: Sequence[str], path: Path) -> tuple[str, str]:
-    """Bytes → (text with `\\n` line ends, codec name): BOM, then BOM-less UTF-16, UTF-8, legacy codecs."""
-    for bom, codec in BOMS:
-        if data.startswith(bom):
-            return _decode(data[len(bom):], codec, path), f"{codec}-bom"
-    if b"\x00" in data:
+    """Bytes → (text with `\\n` line ends, codec name): a BOM decides; else NUL bytes mean UTF-16 (BOM-less
+    UTF-16 is valid UTF-8, so it is checked first); else UTF-8; else each legacy codec in order."""
+    candidates: list[tuple[bytes, str, str]] = [(data[len(b):], c, f"{c}-bom") for b, c in BOMS if data.startswith(b)]
+    if not candidates and b"\x00" in data:
         half = max(len(data) // 2, 1)
-        if data[1::2].count(0) / half >= UTF16_MIN_NUL_SHARE:
-            return _decode(data, "utf-16-le", path), "utf-16-le"
-        if data[0::2].count(0) / half >= UTF16_MIN_NUL_SHARE:
-            return _decode(data, "utf-16-be", path), "utf-16-be"
-        raise DataError(f"{path}: contains NUL bytes but does not look like UTF-16")
-    for codec in ("utf-8", *legacy_encodings):
+        odd_nul, even_nul = data[1::2].count(0) / half, data[0::2].count(0) / half
+        if max(odd_nul, even_nul) < UTF16_MIN_NUL_SHARE:
+            raise DataError(f"{path}: contains NUL bytes but does not look like UTF-16")
+        codec = "utf-16-le" if odd_nul >= even_nul else "utf-16-be"
+        candidates = [(data, codec, codec)]
+    candidates = candidates or [(data, c, c) for c in ("utf-8", *legacy_encodings)]
+    for payload, codec, name in candidates:
         try:
-            return _normalize_newlines(data.decode(codec)), codec
-        except UnicodeDecodeError:
-            continue
+            return payload.decode(codec).replace("\r\n", "\n").replace("\r", "\n"), name
+        except UnicodeDecodeError as e:
+            error = f"invalid {codec} at byte {e.start}"
+    if len(candidates) == 1:
+        raise DataError(f"{path}: {error}")
     raise DataError(f"{path}: not UTF-8 and not decodable with legacy_encodings {list(legacy_encodings)}")
-
-
-def _decode(data: bytes, codec: str, path: Path) -> str:
-    try:
-        return _normalize_newlines(data.decode(codec))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid {codec} at byte {e.start}") from None
-
-
-def _normalize_newlines(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def split_blocks(text: str) -> list[Block]:
     """Split on blank lines; a second timestamp line inside a block starts a new block (missing blank line).
 
-    >>> [(b.line, b.missing_blank) for b in split_blocks("1\\n0:00:01,0 --> 0:00:02,0\\nHi\\n2\\n0:00:03,0 --> 0:00:04,0\\nYo")]
+    >>> [(b.line, b.missing_blank) for b in split_blocks("1\\n0:0:1,0 --> 0:0:2,0\\nHi\\n2\\n0:0:3,0 --> 0:0:4,0\\nYo")]
     [(1, False), (4, True)]
     """
     blocks: list[Block] = []
@@ -257,36 +248,31 @@ def read_cues(path: Path, text: str, strict: bool, report: FileReport) -> list[C
     """Parse every block; strict mode raises `DataError` on the first problem, lenient mode records it."""
     cues: list[Cue] = []
     blocks = split_blocks(text)
-    previous_ok = False
+    malformed, previous_ok = 0, False
     for position, block in enumerate(blocks, 1):
         if block.missing_blank:
-            _problem(path, block.line, "missing_blank_line", block, strict, report, "repaired")
-            report.repaired["missing_blank_line"] += 1
+            _problem(report, path, block.line, "missing_blank_line", block, "repaired", strict)
+            report.notes["missing_blank_line_repaired"] += 1
         parsed = parse_block(block, position)
         if isinstance(parsed, Cue):
             if previous_ok and parsed.number != cues[-1].number + 1:
-                report.problems.append(_problem_entry(path, block.line, "index_gap", block, "warning"))
+                _problem(report, path, block.line, "index_gap", block, "warning", strict=False)
             cues.append(parsed)
-            previous_ok = True
         else:
-            _problem(path, parsed[0], parsed[1], block, strict, report, "skipped")
+            _problem(report, path, parsed[0], parsed[1], block, "skipped", strict)
             report.dropped[f"malformed_{parsed[1]}"] += 1
-            previous_ok = False
-    assert len(cues) + sum(n for r, n in report.dropped.items() if r.startswith("malformed_")) == len(blocks)
+            malformed += 1
+        previous_ok = isinstance(parsed, Cue)
+    assert len(cues) + malformed == len(blocks), "every block is a cue or a counted problem"
     return cues
 
 
-def _problem_entry(path: Path, line: int, reason: str, block: Block, action: str) -> dict[str, Any]:
-    snippet = " | ".join(block.lines)[:SNIPPET_CHARS]
-    return {"file": path.as_posix(), "line": line, "reason": reason, "action": action, "text": snippet}
-
-
-def _problem(path: Path, line: int, reason: str, block: Block, strict: bool, report: FileReport, action: str) -> None:
+def _problem(report: FileReport, path: Path, line: int, reason: str, block: Block, action: str, strict: bool) -> None:
     """Strict mode: raise naming file:line; lenient mode: record the problem and what was done about it."""
-    entry = _problem_entry(path, line, reason, block, action)
+    snippet = " | ".join(block.lines)[:SNIPPET_CHARS]
     if strict:
-        raise DataError(f"{path}:{line}: {reason}: {entry['text']!r} (set srt_to_jsonl.strict: false to skip)")
-    report.problems.append(entry)
+        raise DataError(f"{path}:{line}: {reason}: {snippet!r} (set srt_to_jsonl.strict: false to skip)")
+    report.problems.append({"file": path.as_posix(), "line": line, "reason": reason, "action": action, "text": snippet})
 
 
 def normalize_for_match(text: str) -> str:
@@ -308,21 +294,28 @@ def cue_pieces(cue: Cue, params: SrtToJsonlParams, report: FileReport) -> list[P
     labels = {name.casefold(): role for name, role in params.speaker_labels.items()}
     sound_words = frozenset(w.casefold() for w in params.sound_words)
     text = ASS_TAG_RE.sub("", HTML_TAG_RE.sub("", cue.text))
+    if not text.strip():
+        report.dropped["empty_cue"] += 1
     pieces: list[Piece] = []
+    pending: tuple[Role | None, bool] = (None, False)  # a label or dash alone on its line applies to the next
     for raw in text.split("\n"):
         line, dash, label = raw.strip(), False, None
-        if DASH_RE.match(line) and len(line) > 1:
+        if DASH_RE.match(line):
             line, dash = DASH_RE.sub("", line, count=1), True
         for pattern in (BRACKET_LABEL_RE, COLON_LABEL_RE):
             m = pattern.match(line)
             if m and m[1].strip().casefold() in labels:
                 line, label = line[m.end():], labels[m[1].strip().casefold()]
                 break
+        if not line and (label or dash):
+            pending = (label, dash)
+            continue
+        label, dash = label or pending[0], dash or pending[1]
+        pending = (None, False)
         line = clean_line(line, sound_words)
         if not re.search(r"\w", line):
             report.dropped["sound_or_empty_line"] += 1
-            continue
-        if pieces and not dash and label is None:
+        elif pieces and not dash and label is None:
             pieces[-1].text += " " + line
         else:
             pieces.append(Piece(cue, line, label, dash))
@@ -350,6 +343,7 @@ def _other(role: Role | None, first: Role) -> Role:
 
 
 def roles_tags(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
+    """A label decides; a dash switches speaker; anything else continues the previous speaker."""
     roles: list[Role] = []
     for piece in pieces:
         prev = roles[-1] if roles else None
@@ -358,6 +352,7 @@ def roles_tags(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> li
 
 
 def roles_alternating(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
+    """Each piece is the other speaker's turn, unless it continues an unfinished sentence right away."""
     roles: list[Role] = []
     for i, piece in enumerate(pieces):
         prev = pieces[i - 1] if i else None
@@ -374,13 +369,8 @@ def roles_monologue(pieces: list[Piece], params: SrtToJsonlParams, first: Role) 
     return ["assistant"] * len(pieces)
 
 
-def roles_auto(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
-    chosen = roles_tags if any(p.label for p in pieces) else roles_alternating
-    return chosen(pieces, params, first)
-
-
 STRATEGIES: dict[str, Callable[[list[Piece], SrtToJsonlParams, Role], list[Role]]] = {
-    "auto": roles_auto, "tags": roles_tags, "alternating": roles_alternating, "monologue": roles_monologue,
+    "tags": roles_tags, "alternating": roles_alternating, "monologue": roles_monologue,
 }
 
 
@@ -413,7 +403,7 @@ def window_dialogue(messages: list[Utterance], params: SrtToJsonlParams, report:
     """Alternating messages → windows of whole (user, assistant) exchanges within max_turns and max_chars.
 
     A leading assistant message and a trailing user message have no partner and are dropped (counted);
-    a single exchange longer than `max_chars` still makes a window of its own (counted as over_max_chars).
+    a single exchange longer than `max_chars` still makes a window of its own (noted as window_over_max_chars).
     """
     while messages and messages[0].role == "assistant":
         messages = messages[1:]
@@ -433,7 +423,7 @@ def window_dialogue(messages: list[Utterance], params: SrtToJsonlParams, report:
                 break
             end, chars = end + 1, chars + size
         if chars > params.max_chars:
-            report.repaired["over_max_chars_kept"] += 1
+            report.notes["window_over_max_chars"] += 1
         windows.append([m for ex in exchanges[start:end] for m in ex])
         if end == len(exchanges):
             break
@@ -442,7 +432,8 @@ def window_dialogue(messages: list[Utterance], params: SrtToJsonlParams, report:
 
 
 def window_monologue(utterances: list[Utterance], params: SrtToJsonlParams) -> list[list[Utterance]]:
-    """Monologue utterances → chunks of at most `max_chars`, each answering `monologue_prompt`."""
+    """Monologue utterances → chunks of at most `max_chars` (a longer utterance alone), each answering
+    `monologue_prompt`: `[[user prompt, assistant chunk]]`."""
     chunks: list[list[Utterance]] = []
     for u in utterances:
         if chunks and sum(len(x.text) + 1 for x in chunks[-1]) + len(u.text) <= params.max_chars:
@@ -471,12 +462,17 @@ def make_record(window: list[Utterance], path: Path, strategy: str, encoding: st
     return {"id": f"srt-{digest[:ID_HEX_CHARS]}", "messages": messages, "source": source}
 
 
-def file_settings(path: Path, params: SrtToJsonlParams) -> tuple[str, Role]:
-    """(strategy, first speaker) for a file: the first matching `per_file` glob overrides the defaults."""
+def file_settings(path: Path, pieces: list[Piece], params: SrtToJsonlParams) -> tuple[str, Role]:
+    """(strategy, first speaker) for a file: the first matching `per_file` glob overrides the defaults;
+    `auto` becomes `tags` when any piece has a label, else `alternating`."""
+    strategy, first = params.speaker_strategy, params.first_speaker
     for pattern, override in params.per_file.items():
         if fnmatch.fnmatchcase(path.name.casefold(), pattern.casefold()):
-            return (override.speaker_strategy or params.speaker_strategy, override.first_speaker or params.first_speaker)
-    return params.speaker_strategy, params.first_speaker
+            strategy, first = override.speaker_strategy or strategy, override.first_speaker or first
+            break
+    if strategy == "auto":
+        strategy = "tags" if any(p.label for p in pieces) else "alternating"
+    return strategy, first
 
 
 def convert_file(path: Path, params: SrtToJsonlParams, report: FileReport) -> tuple[list[dict], str, int]:
@@ -485,7 +481,7 @@ def convert_file(path: Path, params: SrtToJsonlParams, report: FileReport) -> tu
     cues = read_cues(path, text, params.strict, report)
     pieces = [p for cue in cues for p in cue_pieces(cue, params, report)]
     pieces = clean_pieces(pieces, frozenset(map(normalize_for_match, params.hallucinations)), report)
-    strategy, first = file_settings(path, params)
+    strategy, first = file_settings(path, pieces, params)
     utterances = merge_utterances(pieces, STRATEGIES[strategy](pieces, params, first), params.merge_gap_s)
     if strategy == "monologue":
         windows = window_monologue(utterances, params)
@@ -527,18 +523,16 @@ def srt_to_jsonl(inputs: Sequence[Path], out: Path, stats_path: Path, params: Sr
     stats.written = write_jsonl(out, records)
     stats.dropped.update(+report.dropped)
     stats.extra.update(
-        unit_read="cues", unit_written="records", files=len(files), empty_files=empty_files, encodings=dict(sorted(encodings.items())),
-        repaired=dict(sorted(report.repaired.items())), messages=sum(len(r["messages"]) for r in records),
-        problems=report.problems,
+        unit_read="cues", unit_written="records", files=len(files), empty_files=empty_files,
+        encodings=dict(sorted(encodings.items())), notes=dict(sorted(report.notes.items())),
+        messages=sum(len(r["messages"]) for r in records), problems=report.problems,
     )
     return stats.save(stats_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tasks.srt_to_jsonl", description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section srt_to_jsonl)")
+    parser = argparse.ArgumentParser(prog="python -m tasks.srt_to_jsonl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml (section srt_to_jsonl)")
     parser.add_argument("--in", dest="inputs", type=Path, action="append", required=True,
                         help="a directory searched recursively for .srt files, or one .srt file (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="output jsonl of dialogue records")
@@ -546,11 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_section(SrtToJsonlParams, "srt_to_jsonl", args.params)
     stats = srt_to_jsonl(args.inputs, args.out, args.stats, params)
-    print(
-        f"srt_to_jsonl: {stats['files']} files, {stats['read']} cues -> {stats['written']} records; "
-        f"dropped {stats['dropped']}; {len(stats['problems'])} problems (see {args.stats})",
-        file=sys.stderr,
-    )
+    print(f"srt_to_jsonl: {stats['files']} files, {stats['read']} cues -> {stats['written']} records; "
+          f"dropped {stats['dropped']}; {len(stats['problems'])} problems (see {args.stats})", file=sys.stderr)
     return 0
 
 

@@ -11,8 +11,8 @@ import pysrt
 import pytest
 
 from tasks.common import DataError, ParamsError, parse_section
-from tasks.srt_to_jsonl import (Block, Cue, FileReport, Piece, SrtToJsonlParams, Utterance, convert_file, decode_srt, main,
-                                merge_utterances, parse_block, split_blocks, srt_to_jsonl, window_dialogue)
+from tasks.srt_to_jsonl import (Block, Cue, FileReport, Piece, SrtToJsonlParams, Utterance, convert_file, decode_srt,
+                                main, merge_utterances, parse_block, split_blocks, srt_to_jsonl, window_dialogue)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures" / "srt"
@@ -69,7 +69,8 @@ def test_encodings_and_line_ends_give_the_base_dialogue(name: str, encoding: str
 def test_legacy_codec_keeps_curly_quotes_and_accents() -> None:
     records, _, encoding, _ = convert(FIXTURES / "cp1252_legacy.srt")
     assert encoding == "cp1252"
-    assert turns(records[0]) == [("user", "Is “café” spelled right?"), ("assistant", "Yes – “café” has an é at the end.")]
+    assert turns(records[0]) == [("user", "Is “café” spelled right?"),
+                                 ("assistant", "Yes – “café” has an é at the end.")]
 
 
 def test_undecodable_file_names_file_and_codecs(tmp_path: Path) -> None:
@@ -104,7 +105,7 @@ def test_missing_blank_line_strict_fails_lenient_repairs() -> None:
         convert(FIXTURES / "missing_blank_line.srt", strict=True)
     records, report, _, n_cues = convert(FIXTURES / "missing_blank_line.srt")
     assert n_cues == 4 and [turns(r) for r in records] == [BASE]
-    assert report.repaired == {"missing_blank_line": 1} and not report.dropped
+    assert report.notes == {"missing_blank_line_repaired": 1} and not report.dropped
 
 
 @pytest.mark.parametrize("strict", [True, False])
@@ -273,13 +274,14 @@ def test_cli_on_shipped_samples(tmp_path: Path) -> None:
     assert (stats["files"], stats["read"], stats["written"]) == (5, 54, 5)
     assert stats["dropped"] == {"hallucination": 2, "malformed_bad_timestamp": 1, "repeated_line": 1,
                                 "sound_or_empty_line": 3}
-    assert stats["repaired"] == {"missing_blank_line": 1}
+    assert stats["notes"] == {"missing_blank_line_repaired": 1}
     assert stats["encodings"] == {"cp1252": 1, "utf-8": 3, "utf-8-bom": 1}
     for record in records:
         roles = [m["role"] for m in record["messages"]]
         assert roles[0] == "user" and roles[-1] == "assistant" and record["id"].startswith("srt-")
         assert all(a != b for a, b in zip(roles, roles[1:]))
-    assert {r["source"]["speaker_strategy"] for r in records} == {"auto", "monologue"}
+    assert [r["source"]["speaker_strategy"] for r in records] == ["tags", "alternating", "alternating", "monologue",
+                                                                  "tags"]
     assert "I'm NEGA, your Native English Grammar Assistant." in out.read_text(encoding="utf-8")
     first_ids = [r["id"] for r in records]
     main(args)
