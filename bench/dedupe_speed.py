@@ -4,9 +4,10 @@
 
 For each N: builds N records (a fraction `--dup-fraction` of them are copies of others with every message edited:
 1–3 character typos, case/punctuation changes, 1–2 adjacent word swaps, or typos + case/punctuation), writes them
-as jsonl, then runs the real `tasks.dedupe` stage in a fresh subprocess so its peak RSS is the stage's alone. Prints N, wall seconds of the stage, CPU seconds
-of the subprocess (imports included; robust to a busy machine), peak RSS and RSS right after imports, recall (copies
-dropped as a duplicate of their own group) and false drops (records dropped as a duplicate of another group).
+as jsonl, then runs the real `tasks.dedupe` stage in a fresh subprocess so its peak RSS is the stage's alone.
+Prints N, wall seconds of the stage, CPU seconds of the subprocess (imports included; robust to a busy machine),
+peak RSS and RSS right after imports, recall (copies dropped as a duplicate of their own group) and false drops
+(records dropped as a duplicate of another group).
 `make_corpus` is also used by the tests.
 """
 
