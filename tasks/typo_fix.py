@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rapidfuzz import fuzz
 
-from tasks.common import StageStats, load_section, read_jsonl, write_jsonl
+from tasks.common import DataError, StageStats, load_section, read_jsonl, write_jsonl
 
 Role = Literal["system", "user", "assistant"]
 CONTEXT_CHARS = 40
@@ -212,14 +212,25 @@ def blocklisted(record: dict[str, Any], params: TypoFixParams) -> list[dict]:
             for i, message in enumerate(record["messages"]) for m in regex.finditer(message["content"])]
 
 
+def check_record(record: dict[str, Any], where: str) -> None:
+    """Raise DataError (naming `file:line`) unless the record has an id and messages with string contents."""
+    messages = record.get("messages")
+    if not isinstance(record.get("id"), str) or not isinstance(messages, list):
+        raise DataError(f"{where}: a dialogue record needs a string `id` and a `messages` list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise DataError(f"{where}: messages[{i}] needs string `role` and `content`")
+
+
 def typo_fix(in_path: Path, out: Path, review_path: Path, stats_path: Path, params: TypoFixParams) -> dict[str, Any]:
     """Fix `in_path` into `out`; write the review jsonl and the stats JSON; return the stats."""
     stats = StageStats("typo_fix")
     counts: dict[str, Counter[str]] = {rule.label: Counter(replaced=0, guarded=0) for rule in params.rules}
     kept, review = [], []
     changed = 0
-    for _, record in read_jsonl(in_path):
+    for lineno, record in read_jsonl(in_path):
         stats.read += 1
+        check_record(record, f"{in_path}:{lineno}")
         before = [m["content"] for m in record["messages"]]
         review += fix_record(record, params, counts)
         changed += before != [m["content"] for m in record["messages"]]

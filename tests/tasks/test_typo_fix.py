@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tasks import srt_to_jsonl
-from tasks.common import ParamsError, parse_section, write_jsonl
+from tasks.common import DataError, ParamsError, parse_section, write_jsonl
 from tasks.typo_fix import TypoFixParams, TypoRule, apply_rule, cased, main, near_misses, typo_fix
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,6 +113,19 @@ def test_blocklist_flag_or_drop(tmp_path: Path, action: str) -> None:
     else:
         assert [(r["id"], r.get("flags")) for r in out] == [("bad", ["blocklist"]), ("ok", None), ("fixed", None)]
         assert stats["flagged"] == 1 and stats["dropped"] == {}
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "a", "text": "User: hi"}', r"in\.jsonl:2: a dialogue record needs"),
+    ('{"id": "a", "messages": [{"role": "user", "content": 3}]}', r"in\.jsonl:2: messages\[0\] needs"),
+    ("not json", r"in\.jsonl:2: not valid JSON"),
+])
+def test_bad_input_records_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(record("ok", "hi", "hello")) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        typo_fix(src, tmp_path / "o.jsonl", tmp_path / "r.jsonl", tmp_path / "s.json", TypoFixParams())
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 @pytest.mark.parametrize("raw, key", [
