@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, write_json, write_jsonl
 
@@ -82,6 +82,12 @@ class AugmentParams(BaseModel):
     min_turns: int = Field(2, ge=2)
     max_turns: int = Field(12, ge=2)
     max_message_chars: int = Field(2000, ge=1)
+
+    @model_validator(mode="after")
+    def _turn_bounds(self) -> AugmentParams:
+        if self.max_turns < self.min_turns:
+            raise ValueError(f"max_turns ({self.max_turns}) is below min_turns ({self.min_turns})")
+        return self
 
 
 class Message(BaseModel):
@@ -396,8 +402,12 @@ def load_dialogues(path: Path) -> list[dict[str, Any]]:
 
 
 def _shots(records: list[dict[str, Any]]) -> str:
-    turns = lambda r: [{"role": m["role"], "content": m["content"]} for m in r["messages"] if m["role"] != "system"]
-    return "\n".join(json.dumps({"messages": turns(r)}, ensure_ascii=False) for r in records)
+    """Few-shot block: one `{"messages": [...]}` JSON object per line (system turns left out)."""
+    lines = []
+    for r in records:
+        turns = [{"role": m["role"], "content": m["content"]} for m in r["messages"] if m["role"] != "system"]
+        lines.append(json.dumps({"messages": turns}, ensure_ascii=False))
+    return "\n".join(lines)
 
 
 def generate(seeds: list[dict[str, Any]], style: list[dict[str, Any]], p: AugmentParams, asker: Asker,
@@ -461,7 +471,8 @@ def augment(seeds_path: Path, style_paths: list[Path], out_path: Path, stats_pat
     except ProviderUnavailable as e:
         if p.on_unavailable == "fail" and p.provider != "none":
             raise
-        log.warning("augment skipped: %s; writing an empty augmented set (augment.on_unavailable=skip)", e)
+        level = logging.INFO if p.provider == "none" else logging.WARNING
+        log.log(level, "augment skipped: %s; writing an empty augmented set (augment.on_unavailable=skip)", e)
         records = []
         stats.extra.update(status="skipped", reason=str(e))
     else:

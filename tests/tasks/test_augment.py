@@ -273,3 +273,11 @@ def test_cli_offline_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     main(["--params", str(f), "--seeds", str(SEEDS), "--in", str(SEEDS), "--out", str(out), "--stats", str(stats)])
     s = json.loads(stats.read_text())
     assert out.read_text() == "" and s["status"] == "skipped" and s["read"] == 34
+
+
+def test_real_params_file_section_loads() -> None:
+    if not (REPO / "params.yaml").is_file():
+        pytest.skip("params.yaml not written yet")
+    p = load_section(AugmentParams, "augment", REPO / "params.yaml")
+    assert (REPO / p.prompts_dir / p.character_file).is_file()
+    assert all((REPO / p.prompts_dir / f"{t}.txt").is_file() for t in p.templates)

@@ -141,3 +141,9 @@ def test_cli(tmp_path: Path) -> None:
     stats = json.loads(out[3].read_text())
     assert stats["read"] == 34 and stats["dropped"] == {"exact_duplicate": 17}
     assert stats["train"] + stats["val"] == 17 and stats["val"] >= 1
+
+
+def test_real_params_file_section_loads() -> None:
+    if not (REPO / "params.yaml").is_file():
+        pytest.skip("params.yaml not written yet")
+    assert 0.0 <= load_section(DedupeParams, "dedupe", REPO / "params.yaml").val_fraction < 1.0
