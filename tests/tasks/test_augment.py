@@ -170,6 +170,18 @@ def test_cache_second_run_makes_no_requests_and_resumes(tmp_path: Path, serve: A
     assert third["requests"]["cache_hits"] == n and third["requests"]["http_requests"] == len(srv.requests) - n > 0
 
 
+def test_interrupted_run_resumes_from_cache(tmp_path: Path, serve: Any) -> None:
+    bad = (400, {"error": {"code": 400, "message": "bad request", "status": "INVALID_ARGUMENT"}})
+    srv = serve([gemini_ok(batch_text(0)), gemini_ok(batch_text(10)), bad], gemini_ok(batch_text(20)))
+    p = params(tmp_path, srv.url, templates=["dialogues", "grammar_explainer", "topics_then_dialogues"])
+    with pytest.raises(AugmentError, match="HTTP 400"):
+        run(tmp_path, p)
+    assert not (tmp_path / "augmented.jsonl").exists()
+    stats, recs = run(tmp_path, p)
+    assert stats["requests"] == {"cache_hits": 2, "http_requests": 1, "reply_ok": 3}
+    assert len(srv.requests) == 4 and len(recs) == 6
+
+
 def test_openai_compatible_success(tmp_path: Path, serve: Any) -> None:
     srv = serve([], openai_ok("```json\n" + batch_text(0, n=3) + "\n```"))
     p = params(tmp_path, srv.url + "/v1", provider="openai", model="rwkv-local", target_count=2)
