@@ -72,3 +72,11 @@ def make_wkv():
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def world_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer C=64 checkpoint with the full World vocabulary (65536), for tokenizer-level tests."""
+    path = tmp_path_factory.mktemp("world") / "tiny-world.pth"
+    save_checkpoint(random_checkpoint(n_layer=2, n_embd=64, seed=5), path)
+    return path

@@ -1,0 +1,116 @@
+"""`statetune` command line: one function per command on one typer app (console script `rwkv7.cli:app`).
+
+    statetune chat --model rwkv7-g1a-0.1b.pth [--state runs/train/state.pth]
+    statetune generate --model M [--state S] --prompt "Who are you?" [--raw]
+
+Bad files (missing, truncated, not RWKV-7, a state for another model) end with exit code 2 and a message
+naming the file. Other commands (e.g. `train`) are added to `app` by their own modules.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import typer
+
+from rwkv7.checkpoint import CheckpointError
+from rwkv7.generate import ChatSession, SamplingParams, complete
+from rwkv7.model import RWKV7, load_model
+from rwkv7.state import RWKVState, StateFileError, load_state
+from rwkv7.template import render_text
+from rwkv7.tokenizer import WorldTokenizer
+
+app = typer.Typer(help="statetune: tune and use RWKV-7 states.", no_args_is_help=True, add_completion=False)
+
+EXIT_BAD_INPUT = 2
+CHAT_QUIT = ("/quit", "/exit")
+CHAT_RESET = "/reset"
+
+MODEL_OPTION = typer.Option(..., "--model", "-m", help="BlinkDL RWKV-7 checkpoint (.pth)")
+STATE_OPTION = typer.Option(None, "--state", "-s", help="tuned state file (.pth, RWKV-Runner format)")
+DEVICE_OPTION = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+TEMPERATURE_OPTION = typer.Option(1.0, min=0.0, help="0 = greedy")
+TOP_P_OPTION = typer.Option(0.3, min=0.0, max=1.0)
+MAX_TOKENS_OPTION = typer.Option(256, min=1, help="stop after this many generated tokens")
+SEED_OPTION = typer.Option(None, help="sampling seed (reproducible output)")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _load(model_path: Path, state_path: Path | None, device: str) -> tuple[RWKV7, RWKVState | None]:
+    """Model + optional state, or exit 2 with the loader's message (which names the file)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = load_model(model_path, device=device)
+        return model, (load_state(state_path, model) if state_path else None)
+    except (CheckpointError, StateFileError) as e:
+        raise _fail(str(e)) from None
+
+
+def _echo(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+@app.command()
+def generate(model: Path = MODEL_OPTION, prompt: str = typer.Option(..., "--prompt", "-p"),
+             state: Path | None = STATE_OPTION,
+             raw: bool = typer.Option(False, help="continue the prompt as plain text (no chat template)"),
+             temperature: float = TEMPERATURE_OPTION, top_p: float = TOP_P_OPTION,
+             max_tokens: int = MAX_TOKENS_OPTION, seed: int | None = SEED_OPTION,
+             device: str = DEVICE_OPTION) -> None:
+    """Answer one prompt (as a chat turn unless --raw), streaming the reply to stdout."""
+    rwkv, init = _load(model, state, device)
+    tokenizer = WorldTokenizer()
+    text = prompt if raw else render_text([{"role": "user", "content": prompt}], generation_prompt=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    start = time.perf_counter()
+    done = complete(rwkv, tokenizer, tokenizer.encode(text), init, params, on_text=_echo)
+    seconds = time.perf_counter() - start
+    _echo("\n")
+    typer.secho(f"[{len(done.token_ids)} tokens, {len(done.token_ids) / seconds:.1f} tokens/s, "
+                f"stop: {done.stop_reason}]", err=True, dim=True)
+
+
+@app.command()
+def chat(model: Path = MODEL_OPTION, state: Path | None = STATE_OPTION,
+         system: str | None = typer.Option(None, help="optional system message for the first turn"),
+         temperature: float = TEMPERATURE_OPTION, top_p: float = TOP_P_OPTION,
+         max_tokens: int = MAX_TOKENS_OPTION, seed: int | None = SEED_OPTION,
+         device: str = DEVICE_OPTION) -> None:
+    """Interactive chat in the G1 template; the conversation lives in the recurrent state.
+
+    Type /reset to start over from the loaded state, /quit (or end of input) to leave.
+    """
+    rwkv, init = _load(model, state, device)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    tokenizer = WorldTokenizer()
+
+    def new_session() -> ChatSession:
+        return ChatSession(rwkv, tokenizer, state=init, params=params, system=system)
+
+    session = new_session()
+    typer.secho(f"chat with {model.name}" + (f" + {state.name}" if state else "") +
+                f" ({CHAT_RESET}, {CHAT_QUIT[0]})", err=True, dim=True)
+    while True:
+        try:
+            line = input("User: ")
+        except EOFError:
+            break
+        if line.strip() in CHAT_QUIT:
+            break
+        if line.strip() == CHAT_RESET:
+            session = new_session()
+            continue
+        if not line.strip():
+            continue
+        _echo("Assistant:")
+        session.reply(line, on_text=_echo)
+        _echo("\n\n")
