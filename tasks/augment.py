@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section(AugmentParams, "augment", args.params)
     try:
         stats = augment(args.seeds, args.style, args.out, args.stats, params)
-    except (AugmentError, DataError, ParamsError) as e:
+    except (AugmentError, DataError, ParamsError, OSError) as e:
         raise SystemExit(f"augment: {e}") from None
     log.info("augment: %s written (%s)", stats["written"], stats.get("status"))
 
