@@ -37,7 +37,7 @@ from typing import Any, Literal
 import pysrt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.common import DataError, StageStats, load_section, write_jsonl
+from tasks.common import DataError, ParamsError, StageStats, load_section, write_jsonl
 
 Role = Literal["user", "assistant"]
 Strategy = Literal["auto", "tags", "alternating", "monologue"]
@@ -538,8 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output jsonl of dialogue records")
     parser.add_argument("--stats", type=Path, required=True, help="output stats JSON")
     args = parser.parse_args(argv)
-    params = load_section(SrtToJsonlParams, "srt_to_jsonl", args.params)
-    stats = srt_to_jsonl(args.inputs, args.out, args.stats, params)
+    try:
+        params = load_section(SrtToJsonlParams, "srt_to_jsonl", args.params)
+        stats = srt_to_jsonl(args.inputs, args.out, args.stats, params)
+    except (DataError, ParamsError) as e:
+        sys.exit(f"srt_to_jsonl: {e}")
     print(f"srt_to_jsonl: {stats['files']} files, {stats['read']} cues -> {stats['written']} records; "
           f"dropped {stats['dropped']}; {len(stats['problems'])} problems (see {args.stats})", file=sys.stderr)
     return 0

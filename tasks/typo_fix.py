@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rapidfuzz import fuzz
 
-from tasks.common import DataError, StageStats, load_section, read_jsonl, write_jsonl
+from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, write_jsonl
 
 Role = Literal["system", "user", "assistant"]
 CONTEXT_CHARS = 40
@@ -254,14 +254,17 @@ def typo_fix(in_path: Path, out: Path, review_path: Path, stats_path: Path, para
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.typo_fix", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section typo_fix)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml (section typo_fix)")
     parser.add_argument("--in", dest="in_path", type=Path, required=True, help="input dialogue jsonl")
     parser.add_argument("--out", type=Path, required=True, help="output dialogue jsonl")
     parser.add_argument("--review", type=Path, required=True, help="output review jsonl (nothing auto-fixed)")
     parser.add_argument("--stats", type=Path, required=True, help="output stats JSON")
     args = parser.parse_args(argv)
-    params = load_section(TypoFixParams, "typo_fix", args.params)
-    stats = typo_fix(args.in_path, args.out, args.review, args.stats, params)
+    try:
+        params = load_section(TypoFixParams, "typo_fix", args.params)
+        stats = typo_fix(args.in_path, args.out, args.review, args.stats, params)
+    except (DataError, ParamsError) as e:
+        sys.exit(f"typo_fix: {e}")
     replaced = sum(c["replaced"] for c in stats["rules"].values())
     print(f"typo_fix: {stats['read']} records -> {stats['written']}; {replaced} replacements; "
           f"dropped {stats['dropped']}; review {stats['review']} (see {args.review})", file=sys.stderr)

@@ -291,6 +291,6 @@ def test_cli_on_shipped_samples(tmp_path: Path) -> None:
 def test_strict_cli_fails_on_the_broken_sample(tmp_path: Path) -> None:
     params_path = tmp_path / "params.yaml"
     params_path.write_text("srt_to_jsonl:\n  strict: true\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"05_legacy_cp1252_hand_edited\.srt:8: missing_blank_line"):
+    with pytest.raises(SystemExit, match=r"srt_to_jsonl: .*05_legacy_cp1252_hand_edited\.srt:8: missing_blank_line"):
         main(["--params", str(params_path), "--in", str(SAMPLES), "--out", str(tmp_path / "o.jsonl"),
               "--stats", str(tmp_path / "s.json")])

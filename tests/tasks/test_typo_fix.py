@@ -142,6 +142,13 @@ def test_params_errors_name_the_key(raw: dict, key: str) -> None:
         parse_section(TypoFixParams, "typo_fix", raw)
 
 
+def test_cli_reports_params_errors_without_traceback(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("typo_fix:\n  blocklist_action: delete\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"typo_fix: .*typo_fix\.blocklist_action"):
+        main(["--params", str(params), "--in", "x", "--out", "o", "--review", "r", "--stats", "s"])
+
+
 def test_cli_after_srt_to_jsonl_on_shipped_samples(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("srt_to_jsonl: {}\ntypo_fix: {}\n", encoding="utf-8")
