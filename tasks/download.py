@@ -39,7 +39,7 @@ from urllib.request import url2pathname
 import yt_dlp
 from pydantic import BaseModel, ConfigDict, Field
 from yt_dlp.extractor import gen_extractor_classes
-from yt_dlp.utils import DownloadError, parse_bytes
+from yt_dlp.utils import YoutubeDLError, parse_bytes
 
 from tasks.common import DataError, ParamsError, StageStats, load_section, write_json
 from rwkv7.atomic import atomic_path, write_text
@@ -199,7 +199,8 @@ def ydl_options(p: DownloadParams, staging: Path, *, local: bool, flat: bool) ->
     subs = p.subtitles
     opts: dict[str, Any] = {
         "format": p.format,
-        "outtmpl": {"default": str(staging / "%(extractor_key)s-%(id)s.%(ext)s")},
+        # Staging names never carry a site's id or title (too long, hostile); files are renamed when kept.
+        "outtmpl": {"default": str(staging / "part%(playlist_index|0)s.%(ext)s")},
         "restrictfilenames": True,
         "windowsfilenames": True,
         "retries": p.retries,
@@ -253,7 +254,7 @@ def list_items(p: DownloadParams, sources: list[str], stats: StageStats) -> list
             with yt_dlp.YoutubeDL(ydl_options(p, staging, local=local, flat=True)) as lister:
                 try:
                     info = lister.extract_info(url, download=False)
-                except DownloadError as e:
+                except YoutubeDLError as e:  # DownloadError, and network errors that bypass it
                     _fail(stats, "source_failed", url, e)
                     continue
                 for entry in _entries(info):
@@ -274,7 +275,7 @@ def _to_item(lister: yt_dlp.YoutubeDL, entry: dict[str, Any], source: str, local
     if not (extractor and media_id):
         try:
             resolved = lister.extract_info(url, download=False, process=False)
-        except DownloadError as e:
+        except YoutubeDLError as e:  # DownloadError, and network errors that bypass it
             _fail(stats, "item_failed", url, e)
             return None
         extractor, media_id = resolved.get("extractor_key"), resolved.get("id")
@@ -379,7 +380,7 @@ def fetch_item(item: Item, p: DownloadParams, cache: ItemCache, stats: StageStat
         with yt_dlp.YoutubeDL(ydl_options(p, staging, local=item.local_path is not None, flat=False)) as ydl:
             info = ydl.extract_info(item.url, ie_key=item.extractor, download=True)
         files = [_keep(video, item, p, cache) for video in _entries(info) if video.get("requested_downloads")]
-    except DownloadError as e:
+    except YoutubeDLError as e:  # DownloadError, and network errors that bypass it
         _fail(stats, "item_failed", item.url, e)
         return None
     finally:
