@@ -166,6 +166,8 @@ def near_misses(text: str, params: TypoFixParams) -> Iterable[tuple[re.Match[str
     """Words that resemble a protected word without being it: (match, protected word, score 0–100)."""
     protected = {p.casefold(): p for p in params.protected_words}
     ignore = {w.casefold() for w in params.review_ignore}
+    if not protected:
+        return
     for m in WORD_RE.finditer(text):
         word = m[0].rstrip("-'")
         key = word.casefold()

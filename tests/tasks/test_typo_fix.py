@@ -90,6 +90,7 @@ def test_near_misses_are_reported_not_replaced(tmp_path: Path) -> None:
     assert review[0]["context"] == "Hello Nagar and nagar" and stats["review"] == {"near_miss": 2}
     params = TypoFixParams(rules=[], review_capitalized_only=False, review_threshold=70)
     assert [m[0] for m, _, _ in near_misses("nagar nege Nega", params)] == ["nege"]
+    assert list(near_misses("Nagar", TypoFixParams(protected_words=[]))) == []
 
 
 def test_default_rules_fix_all_shipped_mishearings() -> None:
