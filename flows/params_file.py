@@ -27,6 +27,9 @@ def _yaml() -> YAML:
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long lines (source URLs)
     yaml.indent(mapping=2, sequence=4, offset=2)
+    # ruamel writes None as an empty value by default; keep the file's explicit `null`s.
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     return yaml
 
 

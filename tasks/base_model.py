@@ -1,0 +1,75 @@
+"""Stage `base_model`: write the demo's small RWKV-7 base model, deterministically, in BlinkDL layout.
+
+Contract: `params.yaml[base_model]` (layers, width, vocabulary, seed) → one `.pth` checkpoint that
+`rwkv7.load_model` reads like a real `rwkv7-g1*.pth`. Same params → the same bytes, so DVC's run-cache and
+remote deduplicate it. The weights are random (seeded): good for exercising the pipeline end to end offline
+on CPU, not for quality; point `model.path` in params.yaml at a real checkpoint for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+import torch
+from torch import Tensor
+
+from rwkv7.atomic import atomic_path
+from rwkv7.checkpoint import HEAD_SIZE, WORLD_VOCAB_SIZE, inspect_checkpoint, random_checkpoint
+from tasks.common import ParamsError, StageStats, load_section
+
+
+class BaseModelParams(BaseModel):
+    """`params.yaml[base_model]`: shapes and seed of the random checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_layer: int = Field(2, ge=1)
+    n_embd: int = Field(128, ge=HEAD_SIZE, multiple_of=HEAD_SIZE)
+    vocab_size: int = Field(WORLD_VOCAB_SIZE, ge=1)  # the World tokenizer's ids must fit
+    seed: int = 0
+
+
+def write_checkpoint_bytes_stable(sd: dict[str, Tensor], out: Path) -> None:
+    """Validate and save `sd` so equal tensors give equal bytes.
+
+    `torch.save(obj, path)` names the zip archive's top folder after the file, and atomic writes use a random
+    temp name, so `rwkv7.checkpoint.save_checkpoint` output differs run to run; through an open file handle
+    torch names it `archive` instead.
+    """
+    inspect_checkpoint(sd, source=str(out))
+    with atomic_path(out) as tmp, tmp.open("wb") as f:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, f)
+
+
+def build_base_model(out: Path, p: BaseModelParams, stats_path: Path | None = None) -> dict[str, object]:
+    """Write the checkpoint to `out` (atomically); return stats with the shapes and parameter count."""
+    stats = StageStats("base_model")
+    sd = random_checkpoint(n_layer=p.n_layer, n_embd=p.n_embd, vocab_size=p.vocab_size, seed=p.seed)
+    write_checkpoint_bytes_stable(sd, out)
+    stats.written = 1
+    stats.extra.update(n_layer=p.n_layer, n_embd=p.n_embd, vocab_size=p.vocab_size,
+                       parameters=sum(t.numel() for t in sd.values()), bytes=out.stat().st_size)
+    return stats.save(stats_path) if stats_path else stats.as_dict()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.base_model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: base_model)")
+    ap.add_argument("--out", type=Path, required=True, help="checkpoint .pth to write")
+    ap.add_argument("--stats", type=Path, help="stats JSON to write")
+    args = ap.parse_args(argv)
+    try:
+        params = load_section(BaseModelParams, "base_model", args.params)
+    except ParamsError as e:
+        sys.exit(f"base_model: {e}")
+    stats = build_base_model(args.out, params, args.stats)
+    print(f"base_model: {args.out} ({stats['parameters']:,} parameters, L={params.n_layer}, C={params.n_embd})",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
