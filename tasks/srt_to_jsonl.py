@@ -47,13 +47,8 @@ ID_HEX_CHARS = 16
 SNIPPET_CHARS = 60
 # A BOM-less file is taken as UTF-16 when at least this share of its odd (LE) or even (BE) bytes are NUL.
 UTF16_MIN_NUL_SHARE = 0.3
-BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32-le"),
-    (codecs.BOM_UTF32_BE, "utf-32-be"),
-    (codecs.BOM_UTF8, "utf-8"),
-    (codecs.BOM_UTF16_LE, "utf-16-le"),
-    (codecs.BOM_UTF16_BE, "utf-16-be"),
-)
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))  # UTF-32 LE before UTF-16 LE
 # Three-digit milliseconds: pysrt reads `00:00:01.5` as 1.005 s.
 TIMESTAMP_RE = re.compile(r"^\d+:\d{2}:\d{2}[,.]\d{3}\s*-->\s*\d+:\d{2}:\d{2}[,.]\d{3}(?:\s+\S.*)?$")
 HTML_TAG_RE = re.compile(r"</?[A-Za-z][^<>]*>")
@@ -172,7 +167,7 @@ class Utterance:
 
 @dataclass
 class FileReport:
-    """What reading one file found: problems (`file:line: reason`) and counts by reason."""
+    """What reading the files found: problems (`file:line: reason`), drops and notes counted by reason."""
 
     problems: list[dict[str, Any]] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
