@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 SYLLABLES = ["ka", "to", "ri", "men", "sa", "lo", "vi", "der", "po", "na", "tu", "gel", "mi", "ras", "be", "ko",
              "lin", "fa", "du", "ser", "ne", "ho", "zu", "pat", "ve", "qui", "ro", "las", "mo", "tin"]
 PUNCT = [".", ",", "!", "?", ";"]
@@ -110,17 +113,30 @@ def score(report: list[dict[str, Any]], group_of: dict[str, int], n_copies: int)
     return (correct / n_copies if n_copies else 1.0), len(report) - correct
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the address space, so unlike ru_maxrss it does not inherit the
+    parent's peak across fork+exec (the parent holds the whole corpus)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _stage_child(data: Path) -> None:
+    """Runs in the subprocess: the real stage on `data/in.jsonl`; prints its stats plus memory and CPU."""
+    from tasks.dedupe import DedupeParams, dedupe
+
+    after_import = _peak_rss_mb()
+    stats = dedupe([data / "in.jsonl"], data / "train.jsonl", data / "val.jsonl", data / "report.jsonl",
+                   data / "stats.json", DedupeParams())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    stats.update(peak_rss_mb=_peak_rss_mb(), import_rss_mb=after_import, cpu_seconds=usage.ru_utime + usage.ru_stime)
+    print(json.dumps(stats))
+
+
 def _run_stage(data: Path) -> dict[str, Any]:
-    """Run tasks.dedupe on `data` in a fresh interpreter; return its stats plus the child's peak RSS."""
-    code = (
-        "import json, resource, sys; from pathlib import Path; from tasks.dedupe import DedupeParams, dedupe\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "d = Path(sys.argv[1]); s = dedupe([d / 'in.jsonl'], d / 'train.jsonl', d / 'val.jsonl', "
-        "d / 'report.jsonl', d / 'stats.json', DedupeParams())\n"
-        "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; s['import_rss_mb'] = base\n"
-        "r = resource.getrusage(resource.RUSAGE_SELF); s['cpu_seconds'] = r.ru_utime + r.ru_stime\n"
-        "print(json.dumps(s))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(data)], cwd=REPO, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--stage-dir", str(data)], cwd=REPO, check=True,
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -129,7 +145,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, action="append", help="corpus size (repeatable); default 10000")
     ap.add_argument("--dup-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.stage_dir:
+        _stage_child(args.stage_dir)
+        return
     print(" ".join(f"{h:>{w}}" for h, w in COLUMNS))
     for n in args.n or [10000]:
         records, group_of = make_corpus(n, args.dup_fraction, args.seed)
