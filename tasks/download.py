@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from yt_dlp.extractor import gen_extractor_classes
 from yt_dlp.utils import YoutubeDLError, parse_bytes
 
-from tasks.common import DataError, ParamsError, StageStats, load_section, write_json
 from rwkv7.atomic import atomic_path, write_text
+from tasks.common import DataError, ParamsError, StageStats, load_section, write_json
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,9 @@ def _to_item(lister: yt_dlp.YoutubeDL, entry: dict[str, Any], source: str, local
             _fail(stats, "item_failed", url, e)
             return None
         extractor, media_id = resolved.get("extractor_key"), resolved.get("id")
+        if not (extractor and media_id):
+            _fail(stats, "item_failed", url, YoutubeDLError("the site gave this entry no id"))
+            return None
     return Item(source, url, str(extractor), str(media_id), clean_title(entry.get("title")), local_path)
 
 

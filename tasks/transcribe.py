@@ -105,7 +105,7 @@ def resolve_model(name: str) -> Path | str:
         try:
             package = __import__(BUNDLED_PACKAGE)
         except ImportError:
-            raise _how_to_get_a_model(f"transcribe.model is {BUNDLED!r} but {BUNDLED_PIP} is not installed")
+            raise _how_to_get_a_model(f"transcribe.model is {BUNDLED!r} but {BUNDLED_PIP} is not installed") from None
         return _check_model_dir(Path(package.get_model_path()))
     path = Path(name).expanduser()
     if path.exists() or "/" in name or name.startswith("."):

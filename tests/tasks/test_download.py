@@ -15,16 +15,16 @@ import pytest
 
 from tasks.common import ParamsError, parse_section
 from tasks.download import (
-    NothingDownloadedError,
     DownloadParams,
+    NothingDownloadedError,
     SubtitleParams,
+    clean_title,
     download,
     list_sources,
     main,
     route,
     safe_ext,
     safe_stem,
-    clean_title,
     vtt_to_srt,
 )
 

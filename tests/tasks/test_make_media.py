@@ -53,8 +53,9 @@ def test_make_media_builds_a_playable_file_of_the_expected_duration(tmp_path: Pa
               "dialogues": {"tiny": [{"role": "user", "text": "Hello NEGA."},
                                      {"role": "assistant", "text": "Hello, how can I help?"}]}}
     (tmp_path / "d.json").write_text(json.dumps(script), encoding="utf-8")
-    done = subprocess.run([sys.executable, str(ROOT / "samples" / "make_media.py"), "--dialogues", str(tmp_path / "d.json"),
-                           "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    cmd = [sys.executable, str(ROOT / "samples" / "make_media.py"), "--dialogues", str(tmp_path / "d.json"),
+           "--out-dir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     seconds, codecs = probe(tmp_path / "out" / "tiny.mp4")
     assert codecs == {"video": "h264", "audio": "aac"}
