@@ -83,7 +83,8 @@ def normalize(text: str) -> str:
 
 
 def record_text(record: dict[str, Any]) -> str:
-    return "\n".join(m["content"] for m in record["messages"])
+    """The dialogue's user/assistant texts; a shared system prompt would make distinct dialogues look alike."""
+    return "\n".join(m["content"] for m in record["messages"] if m.get("role") != "system")
 
 
 def origin_rank(record_id: str) -> int:

@@ -92,6 +92,16 @@ def test_short_texts_are_exact_only(tmp_path: Path) -> None:
     assert [r["id"] for r in report] == ["gen-1", "gen-2"]
 
 
+def test_shared_system_prompt_does_not_make_duplicates(tmp_path: Path) -> None:
+    system = {"role": "system", "content": "You are NEGA, a warm and precise English grammar teacher. " * 5}
+    a = rec("srt-a", "She don't like coffee at all.", "Say: she doesn't like coffee.")
+    b = rec("srt-b", "We was at home yesterday evening.", "Say: we were at home.")
+    for r in (a, b):
+        r["messages"].insert(0, system)
+    stats, train, val, report = run(tmp_path, [write(tmp_path / "a.jsonl", [a, b])], DedupeParams(min_chars_near=0))
+    assert report == [] and len(train + val) == 2
+
+
 def test_split_is_stable_when_records_are_added() -> None:
     ids = [f"gen-{i}" for i in range(2000)]
     first, note = assign_split(ids[:1000], 0.1)
