@@ -93,7 +93,7 @@ def test_short_texts_are_exact_only(tmp_path: Path) -> None:
 
 
 def test_shared_system_prompt_does_not_make_duplicates(tmp_path: Path) -> None:
-    system = {"role": "system", "content": "You are NEGA, a warm and precise English grammar teacher. " * 5}
+    system = {"role": "system", "content": "You are NEGA, a warm and precise English grammar teacher. " * 10}
     a = rec("srt-a", "She don't like coffee at all.", "Say: she doesn't like coffee.")
     b = rec("srt-b", "We was at home yesterday evening.", "Say: we were at home.")
     for r in (a, b):
