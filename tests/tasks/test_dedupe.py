@@ -93,7 +93,11 @@ def test_short_texts_are_exact_only(tmp_path: Path) -> None:
 
 
 def test_shared_system_prompt_does_not_make_duplicates(tmp_path: Path) -> None:
-    system = {"role": "system", "content": "You are NEGA, a warm and precise English grammar teacher. " * 10}
+    system = {"role": "system", "content": (
+        "You are NEGA, the Native English Grammar Assistant: a warm and precise teacher. Correct the learner's "
+        "sentence first, then name the rule in one or two short sentences with a fresh example, and end with a "
+        "brief word of encouragement. Never mock, never lecture at length, prefer plain words to jargon, keep "
+        "replies under eighty words, and ask a small follow-up question when it helps the learner practise.")}
     a = rec("srt-a", "She don't like coffee at all.", "Say: she doesn't like coffee.")
     b = rec("srt-b", "We was at home yesterday evening.", "Say: we were at home.")
     for r in (a, b):
