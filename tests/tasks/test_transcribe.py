@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from tasks.transcribe import (
     TranscribeParams,
     TranscriptCache,
     main,
+    model_fingerprint,
     resolve_model,
     to_cues,
     to_srt,
@@ -171,3 +173,20 @@ def test_params_errors_name_the_key_and_cli_runs(first_run: dict[str, Any], tmp_
     assert (stats["cache_hits"], stats["written"]) == (1, 1)
     with pytest.raises(SystemExit, match="media folder not found"):
         main(["--params", str(yaml), "--media", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+
+
+def test_model_fingerprint_changes_with_weights_of_the_same_size(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.bin").write_bytes(b"a" * 64)
+    first = model_fingerprint(model, tmp_path / "cache")
+    assert model_fingerprint(model, tmp_path / "cache") == first
+    (model / "model.bin").write_bytes(b"b" * 64)
+    os.utime(model / "model.bin", ns=(1, 1))  # replaced weights get a new mtime (coarse clocks: set it)
+    assert model_fingerprint(model, tmp_path / "cache") != first
+    (model / "model.bin").write_bytes(b"a" * 64)
+    os.utime(model / "model.bin", ns=(2, 2))
+    (model / "tokenizer.json").write_text("{}")
+    assert model_fingerprint(model, tmp_path / "cache") != first
+    assert model_fingerprint("small.en", tmp_path / "cache") == "hub:small.en"
