@@ -1,0 +1,62 @@
+"""The shipped params.yaml loads into every stage's params model, and dvc.yaml and params.yaml agree."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from tasks.common import load_section, read_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+# section -> "module:Model" that reads it
+MODELS = {
+    "base_model": "tasks.base_model:BaseModelParams",
+    "download": "tasks.download:DownloadParams",
+    "transcribe": "tasks.transcribe:TranscribeParams",
+    "srt_to_jsonl": "tasks.srt_to_jsonl:SrtToJsonlParams",
+    "typo_fix": "tasks.typo_fix:TypoFixParams",
+    "augment": "tasks.augment:AugmentParams",
+    "dedupe": "tasks.dedupe:DedupeParams",
+    "evaluate": "tasks.evaluate:EvaluateParams",
+}
+# sections read by the orchestration rather than one stage model
+ORCHESTRATION = {"model", "schedule"}
+
+
+def dvc_stages() -> dict:
+    return YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("section", sorted(MODELS))
+def test_section_loads_into_its_model(section: str) -> None:
+    module, name = MODELS[section].split(":")
+    model = getattr(importlib.import_module(module), name)
+    loaded = load_section(model, section, PARAMS)
+    assert isinstance(loaded, model)
+    assert read_params(PARAMS)[section], f"params.yaml has no '{section}' section"
+
+
+def test_every_section_is_read_by_something() -> None:
+    read_by_stages = {p.split(".")[0] for stage in dvc_stages().values() for p in stage.get("params", [])}
+    assert set(read_params(PARAMS)) == set(MODELS) | ORCHESTRATION
+    assert read_by_stages <= set(read_params(PARAMS))
+    assert set(MODELS) <= read_by_stages
+
+
+def test_every_stage_runs_its_own_module_and_lists_its_code() -> None:
+    for name, stage in dvc_stages().items():
+        assert stage["cmd"].startswith(f"python -m tasks.{name} --params params.yaml"), name
+        assert f"tasks/{name}.py" in stage["deps"], f"{name}: its own code is not a dependency"
+        assert name in stage["params"], f"{name}: does not list its params section"
+        assert not stage.get("always_changed"), f"{name}: always_changed keeps dvc status dirty"
+        for out in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            options = next(iter(out.values())) if isinstance(out, dict) else {}
+            assert options.get("cache", True) and not options.get("persist"), f"{name}: {out} has no run-cache"
+
+
+def test_refresh_cron_is_five_fields() -> None:
+    assert len(read_params(PARAMS)["schedule"]["refresh_cron"].split()) == 5
