@@ -106,6 +106,7 @@ class Item:
     media_id: str
     title: str | None
     local_path: Path | None  # the file, for a local source (its sibling subtitles can be taken)
+    ie_key: str | None = None  # the extractor a flat playlist entry names for its URL; None: route by URL
 
     @property
     def stem(self) -> str:
@@ -282,7 +283,8 @@ def _to_item(lister: yt_dlp.YoutubeDL, entry: dict[str, Any], source: str, local
         if not (extractor and media_id):
             _fail(stats, "item_failed", url, YoutubeDLError("the site gave this entry no id"))
             return None
-    return Item(source, url, str(extractor), str(media_id), clean_title(entry.get("title")), local_path)
+    return Item(source, url, str(extractor), str(media_id), clean_title(entry.get("title")), local_path,
+                entry.get("ie_key"))
 
 
 def _fail(stats: StageStats, reason: str, url: str, error: Exception) -> None:
@@ -381,7 +383,7 @@ def fetch_item(item: Item, p: DownloadParams, cache: ItemCache, stats: StageStat
     staging.mkdir(parents=True)
     try:
         with yt_dlp.YoutubeDL(ydl_options(p, staging, local=item.local_path is not None, flat=False)) as ydl:
-            info = ydl.extract_info(item.url, ie_key=item.extractor, download=True)
+            info = ydl.extract_info(item.url, ie_key=item.ie_key, download=True)
         files = [_keep(video, item, p, cache) for video in _entries(info) if video.get("requested_downloads")]
     except YoutubeDLError as e:  # DownloadError, and network errors that bypass it
         _fail(stats, "item_failed", item.url, e)

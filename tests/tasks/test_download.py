@@ -105,6 +105,19 @@ def test_rss_playlist_404_item_is_counted_and_the_rest_arrive(server: tuple[str,
     assert (out / "generic-ep3.mp4").read_bytes() == (root / "nega-fewer-less.mp4").read_bytes()
 
 
+def test_html_page_with_a_video_element(server: tuple[str, Path], tmp_path: Path) -> None:
+    base, root = server
+    (root / "lesson.html").write_text(
+        "<html><head><title>NEGA lesson</title></head><body>"
+        '<video controls><source src="nega-past-tense.mp4" type="video/mp4"></video></body></html>')
+    out = tmp_path / "media"
+    stats = download([f"{base}/lesson.html"], out, params(tmp_path))
+    assert (stats["written"], stats["dropped_total"]) == (1, 0)
+    [entry] = manifest(out)
+    assert (out / entry["file"]).read_bytes() == (root / "nega-past-tense.mp4").read_bytes()
+    assert entry["media_id"] == "html5mediaembed-lesson-1" and entry["title"] == "NEGA lesson (1)"
+
+
 def test_rerun_downloads_nothing_new_and_restores_after_outputs_are_deleted(
         server: tuple[str, Path], tmp_path: Path) -> None:
     base, root = server
