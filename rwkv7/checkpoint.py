@@ -198,24 +198,25 @@ def _torch_load(path: Path) -> object:
 
 def random_checkpoint(n_layer: int, n_embd: int, vocab_size: int = WORLD_VOCAB_SIZE, seed: int = 0,
                       block0_v: bool = True, dims: dict[str, int] | None = None,
-                      dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Random-init weights in BlinkDL x070 layout, scaled so a tiny model gives varied, finite logits.
 
     Decays land in about (0.88, 0.999) at init (w0 in [-6.5, -1.5]); every vector parameter gets a little noise so
-    parity tests exercise each term (a zero bias would hide a missing bias). Deterministic in `seed`.
+    parity tests exercise each term (a zero bias would hide a missing bias). Deterministic in `seed` and the
+    device type (`device="cuda"` draws on the GPU, so benchmarks build multi-GB models without host copies).
     """
     if n_embd % HEAD_SIZE:
         raise ValueError(f"n_embd={n_embd} must be a multiple of the head size {HEAD_SIZE}")
     cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_embd // HEAD_SIZE, vocab_size=vocab_size,
                       dims={**default_dims(n_embd), **(dims or {})})
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     C = n_embd
 
     def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> Tensor:
-        return torch.randn(shape, generator=gen) * std + mean
+        return torch.randn(shape, generator=gen, device=device) * std + mean
 
     def uniform(shape: tuple[int, ...], low: float, high: float) -> Tensor:
-        return torch.rand(shape, generator=gen) * (high - low) + low
+        return torch.rand(shape, generator=gen, device=device) * (high - low) + low
 
     sd: dict[str, Tensor] = {}
     for key, shape in expected_shapes(cfg, block0_v).items():
@@ -227,7 +228,7 @@ def random_checkpoint(n_layer: int, n_embd: int, vocab_size: int = WORLD_VOCAB_S
         elif name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g") or key.endswith("ffn.x_k"):
             t = uniform(shape, 0.0, 1.0)
         elif name == "w0":
-            t = torch.linspace(-6.5, -1.5, C).view(shape) + normal(shape, 0.1)
+            t = torch.linspace(-6.5, -1.5, C, device=device).view(shape) + normal(shape, 0.1)
         elif name in ("a0", "k_a"):
             t = normal(shape, 0.2, 0.0 if name == "a0" else 1.0)
         elif name == "v0":

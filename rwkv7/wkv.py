@@ -27,6 +27,11 @@ BACKENDS = ("reference", "fla")
 BACKEND_ENV = "STATETUNE_WKV_BACKEND"
 # Inference calls up to this length use fla's fused recurrent kernel (decoding); longer ones the chunk kernel.
 FUSED_RECURRENT_MAX_T = 64
+# fla 0.6.0's chunk kernel runs 64-token chunks on tensor cores when told a lower bound of the log decay (safe
+# while |bound|·33·log2(e) ≤ 124); without one it falls back to 16-token chunks, several times slower. RWKV-7's
+# log decay lies in (−e^(−1/2), 0) = (−0.6065, 0); the bound sits a little below so bf16 rounding stays inside.
+FLA_LOG_DECAY_BOUND = -0.61
+FLA_CHUNK_ENV = "STATETUNE_FLA_CHUNK"  # "16": fla's default small chunks without the bound (for comparisons)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("wkv_backend", default=None)
 
 
@@ -65,7 +70,8 @@ def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     Without `cu_seqlens`, S = B. With `cu_seqlens` (LongTensor `[S+1]`, starting at 0 and ending at T), B must
     be 1 and the T tokens are S packed sequences, each starting from its own initial state.
     Returns `(out [B, T, H, N]` in r's dtype`, final_state [S, H, N, N]` float32`)`.
-    `log_decay` = log of the per-channel decay, in (−e^(−1/2), 0) for RWKV-7.
+    `log_decay` = log of the per-channel decay, in (−e^(−1/2), 0) for RWKV-7; the fla path relies on
+    `log_decay ≥ FLA_LOG_DECAY_BOUND`.
     """
     if select_backend(r.device, backend) == "fla":
         return _fla(r, log_decay, k, v, a, b, initial_state, cu_seqlens)
@@ -103,6 +109,7 @@ def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor
     return out.to(dtype), state
 
 
+@torch.compiler.disable  # fla's Triton kernels run as they are inside a torch.compile'd block
 def _fla(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor,
          cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
     """fla 0.6.0 kernels: chunk (trainable) or fused recurrent (inference, short inputs); scale must be 1."""
@@ -113,7 +120,11 @@ def _fla(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     inputs = [x.contiguous() for x in (r, log_decay.to(r.dtype), k, v, a, b)]
     state_kv = initial_state.float().transpose(-1, -2).contiguous()  # ours [value, key] -> fla [key, value]
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, state_kv))
-    kernel = chunk_rwkv7 if needs_grad or r.shape[1] > FUSED_RECURRENT_MAX_T else fused_recurrent_rwkv7
-    out, final_kv = kernel(*inputs, scale=1.0, initial_state=state_kv, output_final_state=True,
-                           cu_seqlens=cu_seqlens)
+    if needs_grad or r.shape[1] > FUSED_RECURRENT_MAX_T:
+        bound = None if os.environ.get(FLA_CHUNK_ENV) == "16" else FLA_LOG_DECAY_BOUND
+        out, final_kv = chunk_rwkv7(*inputs, scale=1.0, initial_state=state_kv, output_final_state=True,
+                                    cu_seqlens=cu_seqlens, lower_bound=bound)
+    else:
+        out, final_kv = fused_recurrent_rwkv7(*inputs, scale=1.0, initial_state=state_kv, output_final_state=True,
+                                              cu_seqlens=cu_seqlens)
     return out, final_kv.float().transpose(-1, -2)
