@@ -1,0 +1,275 @@
+"""`train_state`: one state-tuning run from files to files, shared by `statetune train` and `tasks/train.py`.
+
+Boundary: paths and `TrainParams` in; files in `out_dir` and a metrics dict out. Data is read and checked
+before the model is loaded, so an empty or unusable data set fails in a second.
+
+Writes (every file atomically): `state.pth` + `state.json` (RWKV-Runner state + sidecar with training params,
+data sha256 and metrics), `state-epoch{N}.pth` + `.json` after each epoch (1-based), `metrics.json`,
+`metrics.csv` (one row per optimizer step: step, epoch, loss, lr, tokens, seconds, tokens_per_s; tokens are
+real, non-padding input tokens), `loss.png`, and `checkpoints/last.ckpt` (resume with `resume=True`; a resumed
+run reaches the same state as an uninterrupted one). A NaN/inf loss stops the run with `TrainingError` after
+writing `state-last-good.pth`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import statistics
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rwkv7.atomic import atomic_path, write_json, write_text
+from rwkv7.data import BucketBatchSampler, file_sha256, load_samples, pack_collate, pad_collate
+from rwkv7.model import RWKV7, load_model
+from rwkv7.state import save_state
+from rwkv7.tokenizer import WorldTokenizer
+from rwkv7.tuning import CKPT_KEY, NonFiniteLossError, OptimSettings, StateTuner
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+CSV_FIELDS = ("step", "epoch", "loss", "lr", "tokens", "seconds", "tokens_per_s")
+# Params that may change between an interrupted run and its resumption without changing the result.
+RESUME_FREE_KEYS = frozenset({"ckpt_every_n_steps", "progress_bar", "tensorboard"})
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start, resume or finish; the message says why and what was kept."""
+
+
+class TrainParams(BaseModel):
+    """Section `train` of params.yaml (also the CLI's options).
+
+    Defaults follow RWKV-PEFT's state-tuning tutorial (ctx_len 512, micro_bsz 8, lr 1 → 0.01 cosine with
+    10 warm-up steps, Adam betas 0.9/0.99, eps 1e-8, no weight decay, 1 epoch): state tuning needs a far
+    higher learning rate than weight tuning. `max_steps` (optimizer steps) overrides `epochs` when set.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ctx_len: int = Field(512, ge=1, description="max input tokens per sample")
+    micro_bsz: int = Field(8, ge=1, description="samples per micro-batch")
+    epochs: int = Field(1, ge=1, description="passes over the data")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    lr_init: float = Field(1.0, gt=0)
+    lr_final: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 turns clipping off")
+    accumulate_grad_batches: int = Field(1, ge=1)
+    grad_cp: bool = Field(False, description="recompute each block in backward (saves memory)")
+    loss_on: Literal["assistant", "all"] = "assistant"
+    overlong: Literal["truncate", "drop"] = "truncate"
+    seed: int = 42
+    bucket_window: int = Field(16, ge=1, description="batches per length-sorting window")
+    loss_chunk: int = Field(1024, ge=1, description="scored positions per head matmul")
+    ckpt_every_n_steps: int = Field(50, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    distill_prompt: str | None = Field(None, description="train the state to act like this prompt (KL loss)")
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainParams:
+        if self.lr_final > self.lr_init:
+            raise ValueError(f"lr_final ({self.lr_final}) must not exceed lr_init ({self.lr_init})")
+        return self
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temp file and renamed: an interrupted save leaves the old one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
+                        storage_options: Any | None = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class EpochStates(Callback):
+    """Writes `state-epoch{N}.pth` (+ sidecar) at the end of every epoch, N 1-based."""
+
+    def __init__(self, out_dir: Path, model: RWKV7, meta: dict[str, Any]) -> None:
+        self.out_dir, self.model, self.meta = out_dir, model, meta
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StateTuner) -> None:
+        epoch = trainer.current_epoch + 1
+        save_state(self.out_dir / f"state-epoch{epoch}.pth", pl_module.state_wkv,
+                   {**self.meta, "epoch": epoch, "step": trainer.global_step}, model=self.model)
+
+
+class ResumeGuard(Callback):
+    """Stores the run's params and data hash in checkpoints and refuses to resume a different run."""
+
+    def __init__(self, run: dict[str, Any]) -> None:
+        self.run = run
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.run)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        diff = sorted(k for k in set(state_dict) | set(self.run)
+                      if k not in RESUME_FREE_KEYS and state_dict.get(k) != self.run.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {state_dict.get(k)!r} → {self.run.get(k)!r}" for k in diff)
+            raise TrainingError(f"cannot resume: the checkpoint belongs to a different run ({shown})")
+
+
+def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike[str],
+                out_dir: str | os.PathLike[str], params: TrainParams, *, resume: bool = False,
+                callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Tune the initial state of the model at `model_path` on `data_path`; returns the metrics dict.
+
+    `resume` continues from `out_dir/checkpoints/last.ckpt` (TrainingError if there is none, or if it was
+    made with other params or data). `callbacks` are extra Lightning callbacks.
+    """
+    out_dir, data_path = Path(out_dir), Path(data_path)
+    encode = WorldTokenizer().encode
+    samples, data_stats = load_samples(data_path, encode, params.ctx_len, params.loss_on, params.overlong)
+    last_ckpt = out_dir / CHECKPOINT_DIR / LAST_CKPT
+    if resume and not last_ckpt.is_file():
+        raise TrainingError(f"cannot resume: {last_ckpt} does not exist (start without --resume)")
+    L.seed_everything(params.seed, verbose=False)
+    device = _device(params.device)
+    model = load_model(model_path, device=device)
+    top_id = max(max(s.ids) for s in samples)
+    if top_id >= model.config.vocab_size:
+        raise TrainingError(f"{data_path}: token id {top_id} is outside the vocabulary of {model_path} "
+                            f"({model.config.vocab_size} tokens)")
+    data_sha = file_sha256(data_path)
+    sampler = BucketBatchSampler([s.n_inputs for s in samples], params.micro_bsz, params.seed, params.bucket_window)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
+                                         collate_fn=pack_collate if device.type == "cuda" else pad_collate)
+    steps_per_epoch = math.ceil(len(sampler) / params.accumulate_grad_batches)
+    total_steps = params.max_steps or params.epochs * steps_per_epoch
+    distill = encode(params.distill_prompt) if params.distill_prompt else None
+    module = StateTuner(model, _optim(params, total_steps), sampler, distill)
+    meta = {"training": params.model_dump(), "data": {"file": data_path.name, "sha256": data_sha}}
+    trainer = _trainer(params, device, out_dir, total_steps, steps_per_epoch,
+                       [EpochStates(out_dir, model, meta), ResumeGuard({**params.model_dump(), "data_sha256": data_sha}),
+                        *callbacks])
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            # The sampler skips the batches a resumed epoch already trained on (StateTuner.on_load_checkpoint).
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last_ckpt) if resume else None,
+                        weights_only=True)
+    except NonFiniteLossError as e:
+        kept = out_dir / "state-last-good.pth"
+        save_state(kept, e.last_good, {**meta, "stopped": str(e)}, model=model)
+        raise TrainingError(f"{e} Last finite state written to {kept}.") from e
+    trainer.save_checkpoint(last_ckpt, weights_only=False)  # False: keep optimizer and loop state
+    metrics = _metrics(module.history, data_stats.as_dict(), total_steps, device, resume)
+    save_state(out_dir / "state.pth", module.state_wkv, {**meta, "metrics": metrics}, model=model)
+    write_json(out_dir / "metrics.json", metrics)
+    write_text(out_dir / "metrics.csv", _csv(module.history))
+    plot_loss(module.history, out_dir / "loss.png")
+    return metrics
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' requested but CUDA is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _optim(p: TrainParams, total_steps: int) -> OptimSettings:
+    return OptimSettings(lr_init=p.lr_init, lr_final=p.lr_final, total_steps=total_steps,
+                         warmup_steps=p.warmup_steps, beta1=p.beta1, beta2=p.beta2, adam_eps=p.adam_eps,
+                         weight_decay=p.weight_decay, loss_chunk=p.loss_chunk, grad_cp=p.grad_cp)
+
+
+def _trainer(p: TrainParams, device: torch.device, out_dir: Path, total_steps: int, steps_per_epoch: int,
+             callbacks: list[Callback]) -> L.Trainer:
+    ckpt = ModelCheckpoint(dirpath=out_dir / CHECKPOINT_DIR, every_n_train_steps=p.ckpt_every_n_steps,
+                           save_top_k=0, save_last=True)
+    callbacks = [ckpt, *callbacks]
+    if p.progress_bar:
+        callbacks.append(RichProgressBar() if _has_rich_terminal() else TQDMProgressBar())
+    return L.Trainer(accelerator=device.type, devices=1,
+                     precision="bf16-mixed" if device.type == "cuda" else "32-true",
+                     max_steps=total_steps, max_epochs=math.ceil(total_steps / steps_per_epoch),
+                     accumulate_grad_batches=p.accumulate_grad_batches,
+                     gradient_clip_val=p.grad_clip or None, callbacks=callbacks, logger=_logger(p, out_dir),
+                     enable_progress_bar=p.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+                     log_every_n_steps=1, default_root_dir=out_dir, plugins=[AtomicCheckpointIO()])
+
+
+def _has_rich_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _logger(p: TrainParams, out_dir: Path) -> Any:
+    """TensorBoard logger when asked for and installed (tensorboard is not a dependency); else none."""
+    if not p.tensorboard:
+        return False
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(out_dir, name="tensorboard")
+    except ModuleNotFoundError as e:
+        warnings.warn(f"tensorboard=true but TensorBoard is not installed ({e}); training without it", stacklevel=2)
+        return False
+
+
+def _metrics(history: list[dict[str, Any]], data: dict[str, Any], total_steps: int, device: torch.device,
+             resumed: bool) -> dict[str, Any]:
+    """Summary of a finished run; tokens/s counts real tokens and skips the first step (warm-up)."""
+    timed = history[1:] or history
+    tokens = sum(r["tokens"] for r in timed)
+    seconds = sum(r["seconds"] for r in timed)
+    return {"final_loss": history[-1]["loss"] if history else None,
+            "first_loss": history[0]["loss"] if history else None,
+            "min_loss": min((r["loss"] for r in history), default=None),
+            "steps": len(history), "planned_steps": total_steps,
+            "epochs": history[-1]["epoch"] if history else 0,
+            "real_tokens": sum(r["tokens"] for r in history),
+            "tokens_per_s": tokens / seconds if seconds else None,
+            "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in timed) if timed else None,
+            "train_seconds": sum(r["seconds"] for r in history),
+            "device": device.type, "resumed": resumed, "data": data}
+
+
+def _csv(history: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def plot_loss(history: list[dict[str, Any]], dest: str | os.PathLike[str]) -> None:
+    """Loss per optimizer step as a PNG (matplotlib, Agg backend; works without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (masked tokens)")
+    ax.set_title("state tuning")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+

@@ -1,0 +1,214 @@
+"""State tuning as a LightningModule: the frozen model's initial WKV state is the only thing that trains.
+
+Boundary: a loaded `RWKV7` and `rwkv7.data.Batch`es in; the trained `state_wkv [L, H, N, N]` (float32,
+[value, key] orientation, the RWKV-Runner layout) out. No files here except Lightning's checkpoints, which
+hold only the state, the optimizer, the scheduler and the run's progress (never the frozen weights).
+
+Loss: next-token cross-entropy over the masked targets of a batch, or (with `distill_prefix`) the KL
+divergence KL(teacher ‖ student) where the teacher is the same frozen model after reading the prefix
+(prompt distillation: the state learns what the prompt did). Only masked positions go through the head, in
+chunks of `loss_chunk` rows that are recomputed in backward, so no `[B, T, V]` float32 logits tensor exists.
+Per-step history (loss, lr, real tokens/s) is kept here and travels in checkpoints, so a resumed run reports
+its whole curve.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from rwkv7.data import Batch, BucketBatchSampler
+from rwkv7.model import RWKV7
+from rwkv7.state import RWKVState
+
+CKPT_KEY = "statetune"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the state's gradient became NaN/inf; `last_good` holds the state of the last finite step."""
+
+    def __init__(self, message: str, last_good: Tensor) -> None:
+        super().__init__(message)
+        self.last_good = last_good
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimizer and schedule of one run; `total_steps` counts optimizer steps (after accumulation)."""
+
+    lr_init: float
+    lr_final: float
+    total_steps: int
+    warmup_steps: int = 0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    loss_chunk: int = 1024
+    grad_cp: bool = False
+
+
+def lr_at(step: int, s: OptimSettings) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to lr_init, then cosine to lr_final.
+
+    >>> s = OptimSettings(lr_init=1.0, lr_final=0.1, total_steps=11, warmup_steps=1)
+    >>> [round(lr_at(i, s), 3) for i in (0, 1, 6, 11)]
+    [1.0, 1.0, 0.55, 0.1]
+    """
+    if step < s.warmup_steps:
+        return s.lr_init * (step + 1) / s.warmup_steps
+    span = max(1, s.total_steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    return s.lr_final + 0.5 * (s.lr_init - s.lr_final) * (1.0 + math.cos(math.pi * progress))
+
+
+def _chunk_ce(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of `hidden [M, C]` against `targets [M]` (logits in float32)."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _chunk_kl(head: nn.Module, hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
+    """Summed KL(teacher ‖ student) over rows of `hidden, teacher_hidden [M, C]`."""
+    student = F.log_softmax(head(hidden).float(), dim=-1)
+    teacher = F.log_softmax(head(teacher_hidden).float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+class StateTuner(L.LightningModule):
+    """Trains `state_wkv [L, H, N, N]` (one nn.Parameter, zeros at start) of a frozen RWKV-7.
+
+    `sampler` (optional) is the training batch sampler; it is told how many batches to skip when a run
+    resumes mid-epoch. `distill_prefix` (token ids) switches the loss to prompt distillation.
+    """
+
+    def __init__(self, model: RWKV7, optim: OptimSettings, sampler: BucketBatchSampler | None = None,
+                 distill_prefix: list[int] | None = None) -> None:
+        super().__init__()
+        cfg = model.config
+        self.model = model.requires_grad_(False).eval()
+        self.state_wkv = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size,
+                                                  device=model.device, dtype=torch.float32))
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        assert len(trainable) == 1 and trainable[0].numel() == cfg.n_layer * cfg.n_head * cfg.head_size ** 2
+        self.optim = optim
+        self.sampler = sampler
+        self.distill_prefix = distill_prefix
+        self.strict_loading = False  # checkpoints carry the state only, not the frozen weights
+        self.history: list[dict[str, Any]] = []
+        self.register_buffer("last_good", self.state_wkv.detach().clone(), persistent=False)
+        self._teacher: RWKVState | None = None
+        self._batches_in_epoch = 0
+        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0}
+        self._step_t0 = 0.0
+
+    def train(self, mode: bool = True) -> StateTuner:
+        """Lightning switches modules to train mode; the frozen model stays in eval mode."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def tuned_state(self) -> RWKVState:
+        return RWKVState.from_wkv(self.state_wkv)
+
+    def batch_loss(self, batch: Batch) -> tuple[Tensor, int]:
+        """(summed loss over masked targets, number of masked targets) for one batch."""
+        hidden, _ = self.model(batch.tokens, self.tuned_state(), cu_seqlens=batch.cu_seqlens, return_hidden=True)
+        mask = batch.loss_mask
+        rows = hidden[mask]
+        n = rows.shape[0]
+        if self.distill_prefix is None:
+            others = batch.targets[mask]
+            fn = _chunk_ce
+        else:
+            with torch.no_grad():
+                teacher_hidden, _ = self.model(batch.tokens, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
+                                               return_hidden=True)
+            others = teacher_hidden[mask]
+            fn = _chunk_kl
+        total = rows.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, self.optim.loss_chunk):
+            part = slice(start, start + self.optim.loss_chunk)
+            total = total + checkpoint(fn, self.model.head, rows[part], others[part], use_reentrant=False)
+        return total, n
+
+    def _teacher_state(self) -> RWKVState:
+        if self._teacher is None:
+            assert self.distill_prefix is not None
+            prefix = torch.tensor([self.distill_prefix], device=self.model.device)
+            with torch.no_grad():
+                _, self._teacher = self.model(prefix)
+        return self._teacher
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss_sum, n = self.batch_loss(batch)
+        loss = loss_sum / max(n, 1)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at optimizer step {self.global_step} (epoch {self.current_epoch + 1}, "
+                f"batch {batch_idx}); stopping. Lower lr_init or check the data; the last finite state is kept.",
+                self.last_good.clone())
+        self.last_good.copy_(self.state_wkv.detach())
+        self._batches_in_epoch += 1
+        self._pending["loss_sum"] += float(loss_sum.detach())
+        self._pending["targets"] += n
+        self._pending["tokens"] += batch.n_real
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch.n_sequences)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Check the gradient, then record this optimizer step's history row (before any checkpoint save)."""
+        grad = self.state_wkv.grad
+        if grad is not None and not torch.isfinite(grad).all():
+            raise NonFiniteLossError(f"the state's gradient became NaN/inf at optimizer step {self.global_step}; "
+                                     "stopping with the last finite state kept.", self.last_good.clone())
+        now = time.perf_counter()
+        seconds = max(now - self._step_t0, 1e-9)
+        p = self._pending
+        self.history.append({"step": self.global_step + 1, "epoch": self.current_epoch + 1,
+                             "loss": p["loss_sum"] / max(p["targets"], 1), "lr": optimizer.param_groups[0]["lr"],
+                             "tokens": p["tokens"], "seconds": seconds, "tokens_per_s": p["tokens"] / seconds})
+        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0}
+        self._step_t0 = now
+
+    def on_train_epoch_start(self) -> None:
+        self._batches_in_epoch = 0
+
+    def on_train_start(self) -> None:
+        self._step_t0 = time.perf_counter()
+
+    def on_fit_start(self) -> None:
+        if self.optim.grad_cp:
+            for block in self.model.blocks:
+                block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+    def on_fit_end(self) -> None:
+        for block in self.model.blocks:
+            block.__dict__.pop("forward", None)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        s = self.optim
+        optimizer = torch.optim.AdamW([self.state_wkv], lr=s.lr_init, betas=(s.beta1, s.beta2), eps=s.adam_eps,
+                                      weight_decay=s.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, s) / s.lr_init)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {"state_wkv": self.state_wkv.detach().cpu()}
+        checkpoint[CKPT_KEY] = {"history": self.history, "batches_in_epoch": self._batches_in_epoch,
+                                "epoch": self.current_epoch}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get(CKPT_KEY, {})
+        self.history = list(extra.get("history", []))
+        self._batches_in_epoch = int(extra.get("batches_in_epoch", 0))
+        if self.sampler is not None and self._batches_in_epoch < len(self.sampler):
+            self.sampler.skip(self._batches_in_epoch)
