@@ -333,8 +333,11 @@ class ItemCache:
         path = self.items / f"{stem}.json"
         if not path.is_file():
             return None
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        files_ok = all((self.items / f["file"]).is_file() for f in meta["files"])
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            files_ok = all((self.items / f["file"]).is_file() for f in meta["files"])
+        except (json.JSONDecodeError, KeyError, TypeError):  # a damaged entry: download the item again
+            return None
         return meta if meta.get("format") == CACHE_META_FORMAT and files_ok else None
 
     def reconcile_archive(self) -> None:
@@ -348,6 +351,7 @@ class ItemCache:
                 kept.update(f["archive_id"] for f in meta["files"])
         lines = self.archive.read_text(encoding="utf-8").splitlines()
         write_text(self.archive, "".join(f"{line}\n" for line in lines if line.strip() in kept))
+
 
 def probe_seconds(path: Path) -> float | None:
     """Media duration read by PyAV (bundled with faster-whisper), or None when the container does not say."""

@@ -150,6 +150,9 @@ def test_archive_lines_without_cached_files_are_downloaded_again(server: tuple[s
         f.unlink()
     stats = download([f"{base}/nega-articles.mp4"], out, p)
     assert (stats["items_downloaded"], stats["written"], stats["dropped_total"]) == (1, 1, 0)
+    (tmp_path / "cache" / "items" / "generic-nega-articles.json").write_text("{not json")  # a damaged entry
+    stats = download([f"{base}/nega-articles.mp4"], out, p)
+    assert (stats["items_downloaded"], stats["written"], stats["dropped_total"]) == (1, 1, 0)
 
 
 def test_local_directory_file_url_and_sibling_subtitles(tmp_path: Path) -> None:
