@@ -53,6 +53,7 @@ SIDECAR_FORMAT = "statetune-transcript/1"
 CACHE_VERSION = 1
 HASH_CHUNK_BYTES = 1 << 20
 MS_PER_SECOND = 1000
+WRITTEN_OUTCOMES = ("transcribed", "cache_hits", "subtitles_passed_through")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -297,6 +298,52 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), transient=True)
 
 
+class LazyModel:
+    """The Whisper model, loaded (and the bundled one verified) only when a file misses the cache."""
+
+    def __init__(self, p: TranscribeParams, path: Path | str, device: str, compute_type: str) -> None:
+        self.p, self.path, self.device, self.compute_type = p, path, device, compute_type
+        self._model: Any = None
+
+    def get(self) -> Any:
+        if self._model is None:
+            if self.p.model == BUNDLED:
+                verify_bundled_model()
+            self._model = _load(self.path, self.device, self.compute_type, self.p.cpu_threads)
+        return self._model
+
+
+def transcribe_one(media: Path, out_dir: Path, p: TranscribeParams, cache: TranscriptCache,
+                   model: LazyModel) -> tuple[str, float, float]:
+    """Write `<stem>.srt` + `<stem>.json` for one media file.
+
+    Returns `(outcome, audio seconds decoded, seconds spent decoding)`; outcome is one of
+    `subtitles_passed_through`, `cache_hits`, `transcribed` (files written) or `decode_failed`, `no_speech`.
+    """
+    subtitle = media.with_suffix(".srt")
+    if p.use_subtitles and subtitle.is_file():
+        _copy(subtitle, out_dir / f"{media.stem}.srt")
+        write_json(out_dir / f"{media.stem}.json", _sidecar(media, None, {"origin": "subtitles"}))
+        return "subtitles_passed_through", 0.0, 0.0
+    digest = file_sha256(media)
+    result, outcome, audio_s, spent = cache.get(digest), "cache_hits", 0.0, 0.0
+    if result is None:
+        t0 = time.perf_counter()
+        try:
+            result = run_whisper(model.get(), media, p)
+        except av.FFmpegError as e:  # not a media file after all: counted, the others go on
+            log.warning("%s: cannot decode (%s)", media, e)
+            return "decode_failed", 0.0, 0.0
+        outcome, audio_s, spent = "transcribed", result["duration_s"], time.perf_counter() - t0
+        cache.put(digest, result)
+    cues = to_cues(result["segments"], p.split_gap_s)
+    if not cues:
+        return "no_speech", audio_s, spent
+    write_text(out_dir / f"{media.stem}.srt", to_srt(cues))
+    write_json(out_dir / f"{media.stem}.json", _sidecar(media, digest, {"origin": "whisper", **result, "cues": cues}))
+    return outcome, audio_s, spent
+
+
 def transcribe(media_dir: Path, out_dir: Path, p: TranscribeParams,
                stats_path: Path | None = None) -> dict[str, Any]:
     """Write `<stem>.srt` + `<stem>.json` into `out_dir` for each media file of `media_dir`; return stats.
@@ -309,51 +356,21 @@ def transcribe(media_dir: Path, out_dir: Path, p: TranscribeParams,
     model_path = resolve_model(p.model)
     device, compute_type = pick_device(p.device, p.compute_type)
     cache = TranscriptCache(p.cache_dir, model_fingerprint(model_path, p.cache_dir), p.decoding())
-    counts = {"transcribed": 0, "cache_hits": 0, "subtitles_passed_through": 0}
+    model = LazyModel(p, model_path, device, compute_type)
+    counts = dict.fromkeys(WRITTEN_OUTCOMES, 0)
     audio_s = decode_s = 0.0
-    model = None
     with _progress() as progress:
         task = progress.add_task("", total=len(files))
         for media in files:
             progress.update(task, description=media.name)
+            outcome, audio, spent = transcribe_one(media, out_dir, p, cache, model)
             stats.read += 1
-            subtitle = media.with_suffix(".srt")
-            if p.use_subtitles and subtitle.is_file():
-                _copy(subtitle, out_dir / f"{media.stem}.srt")
-                write_json(out_dir / f"{media.stem}.json", _sidecar(media, None, {"origin": "subtitles"}))
-                counts["subtitles_passed_through"] += 1
+            audio_s, decode_s = audio_s + audio, decode_s + spent
+            if outcome in counts:
+                counts[outcome] += 1
                 stats.written += 1
-                progress.advance(task)
-                continue
-            digest = file_sha256(media)
-            result = cache.get(digest)
-            if result is None:
-                if model is None:
-                    if p.model == BUNDLED:
-                        verify_bundled_model()
-                    model = _load(model_path, device, compute_type, p.cpu_threads)
-                t0 = time.perf_counter()
-                try:
-                    result = run_whisper(model, media, p)
-                except av.FFmpegError as e:  # not a media file after all: counted, the others go on
-                    stats.drop("decode_failed")
-                    log.warning("%s: cannot decode (%s)", media, e)
-                    progress.advance(task)
-                    continue
-                decode_s += time.perf_counter() - t0
-                audio_s += result["duration_s"]
-                cache.put(digest, result)
-                counts["transcribed"] += 1
             else:
-                counts["cache_hits"] += 1
-            cues = to_cues(result["segments"], p.split_gap_s)
-            if not cues:
-                stats.drop("no_speech")
-            else:
-                write_text(out_dir / f"{media.stem}.srt", to_srt(cues))
-                body = {"origin": "whisper", **result, "cues": cues}
-                write_json(out_dir / f"{media.stem}.json", _sidecar(media, digest, body))
-                stats.written += 1
+                stats.drop(outcome)
             progress.advance(task)
     stats.extra.update(
         counts, model=str(p.model), device=device, compute_type=compute_type,
