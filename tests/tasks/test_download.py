@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common import ParamsError, parse_section
+from tasks.common import ParamsError, load_section, parse_section
 from tasks.download import (
     DownloadParams,
     NothingDownloadedError,
@@ -268,6 +268,8 @@ def test_params_errors_name_the_key_and_cookies_stay_secret(tmp_path: Path, monk
         parse_section(DownloadParams, "download", {"retries": -1})
     with pytest.raises(ParamsError, match=r"download\.sorces"):
         parse_section(DownloadParams, "download", {"sorces": []})
+    if (SAMPLES.parents[1] / "params.yaml").is_file():  # the shipped params.yaml is valid for this stage
+        assert load_section(DownloadParams, "download", SAMPLES.parents[1] / "params.yaml").sources
     secret_path = str(tmp_path / "my-private-cookies.txt")
     monkeypatch.setenv("STATETUNE_COOKIES", secret_path)
     with pytest.raises(ParamsError, match="STATETUNE_COOKIES") as err:
