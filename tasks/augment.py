@@ -471,8 +471,10 @@ def augment(seeds_path: Path, style_paths: list[Path], out_path: Path, stats_pat
     except ProviderUnavailable as e:
         if p.on_unavailable == "fail" and p.provider != "none":
             raise
-        level = logging.INFO if p.provider == "none" else logging.WARNING
-        log.log(level, "augment skipped: %s; writing an empty augmented set (augment.on_unavailable=skip)", e)
+        if p.provider == "none":
+            log.info("augment skipped: %s; writing an empty augmented set", e)
+        else:
+            log.warning("augment skipped: %s; writing an empty augmented set (augment.on_unavailable=skip)", e)
         records = []
         stats.extra.update(status="skipped", reason=str(e))
     else:
