@@ -331,9 +331,8 @@ def parse_reply(reply: Reply) -> tuple[Batch | None, str]:
 class Asker:
     """Turns a prompt into a parsed Batch: cache → rate limit → retries → re-asks, counting everything."""
 
-    def __init__(self, p: AugmentParams, provider: Provider, cache: ResponseCache,
-                 limiter: RateLimiter, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.p, self.provider, self.cache, self.limiter, self.sleep = p, provider, cache, limiter, sleep
+    def __init__(self, p: AugmentParams, provider: Provider, cache: ResponseCache, limiter: RateLimiter) -> None:
+        self.p, self.provider, self.cache, self.limiter = p, provider, cache, limiter
         self.rng = random.Random(p.seed)
         self.counts: Counter[str] = Counter()
 
@@ -349,7 +348,7 @@ class Asker:
                     if e.connect:
                         raise ProviderUnavailable(f"{self.provider.name} endpoint unreachable ({e})") from None
                     raise AugmentError(f"{self.provider.name}: gave up after {attempt + 1} tries (last: {e})") from None
-                self.sleep(backoff_delay(attempt, self.p, self.rng))
+                time.sleep(backoff_delay(attempt, self.p, self.rng))
         raise AssertionError("unreachable")
 
     def ask(self, template: str, prompt: str) -> tuple[Batch | None, str]:
