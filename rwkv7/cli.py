@@ -114,3 +114,41 @@ def chat(model: Path = MODEL_OPTION, state: Path | None = STATE_OPTION,
         _echo("Assistant:")
         session.reply(line, on_text=_echo)
         _echo("\n\n")
+
+
+@app.command()
+def train(model: Path = MODEL_OPTION,
+          data: Path = typer.Option(..., "--data", "-d", help="jsonl: dialogue records or RWKV-PEFT {\"text\"} lines"),
+          out: Path = typer.Option(..., "--out", "-o", help="output folder (state.pth, metrics, checkpoints)"),
+          max_steps: int | None = typer.Option(None, help="optimizer steps (overrides --epochs)"),
+          epochs: int | None = typer.Option(None, help="passes over the data (default 1)"),
+          lr_init: float | None = typer.Option(None, help="peak learning rate (default 1.0)"),
+          lr_final: float | None = typer.Option(None, help="learning rate at the end of the cosine (default 0.01)"),
+          warmup_steps: int | None = typer.Option(None, help="linear warm-up steps (default 10)"),
+          ctx_len: int | None = typer.Option(None, help="max input tokens per sample (default 512)"),
+          micro_bsz: int | None = typer.Option(None, help="samples per micro-batch (default 8)"),
+          accumulate: int | None = typer.Option(None, "--accumulate", help="micro-batches per optimizer step (default 1)"),
+          loss_on: str | None = typer.Option(None, help="assistant (replies only) or all (RWKV-PEFT) (default assistant)"),
+          overlong: str | None = typer.Option(None, help="samples over ctx_len: truncate or drop (default truncate)"),
+          grad_cp: bool | None = typer.Option(None, "--grad-cp/--no-grad-cp", help="recompute blocks in backward"),
+          distill_prompt: str | None = typer.Option(None, help="learn a state that acts like this prompt"),
+          seed: int | None = typer.Option(None, help="seed for data order (default 42)"),
+          device: str | None = typer.Option(None, help="auto, cpu or cuda (default auto)"),
+          resume: bool = typer.Option(False, help="continue from OUT/checkpoints/last.ckpt"),
+          tensorboard: bool = typer.Option(False, help="log to OUT/tensorboard (needs tensorboard installed)")
+          ) -> None:
+    """Tune the initial state of a frozen RWKV-7 on a jsonl data set; writes OUT/state.pth + state.json."""
+    from rwkv7.data import DatasetError
+    from rwkv7.train import TrainingError, TrainParams, train_state
+
+    given = {"max_steps": max_steps, "epochs": epochs, "lr_init": lr_init, "lr_final": lr_final,
+             "warmup_steps": warmup_steps, "ctx_len": ctx_len, "micro_bsz": micro_bsz,
+             "accumulate_grad_batches": accumulate, "loss_on": loss_on, "overlong": overlong, "grad_cp": grad_cp,
+             "distill_prompt": distill_prompt, "seed": seed, "device": device, "tensorboard": tensorboard or None}
+    try:
+        settings = TrainParams.from_options({k: v for k, v in given.items() if v is not None})
+        metrics = train_state(model, data, out, settings, resume=resume)
+    except (ValueError, TrainingError, DatasetError, CheckpointError, StateFileError) as e:
+        raise _fail(str(e)) from None
+    typer.secho(f"state: {out / 'state.pth'}  loss {metrics['first_loss']:.4f} → {metrics['final_loss']:.4f}  "
+                f"{metrics['steps']} steps, {metrics['tokens_per_s']:.0f} real tokens/s", err=True)

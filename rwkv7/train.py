@@ -14,6 +14,7 @@ writing `state-last-good.pth`.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -28,11 +29,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rwkv7.atomic import atomic_path, write_json, write_text
 from rwkv7.data import BucketBatchSampler, file_sha256, load_samples, pack_collate, pad_collate
 from rwkv7.model import RWKV7, load_model
+from rwkv7.quant import QuantizationError, check_precision, quantize_model
 from rwkv7.state import save_state
 from rwkv7.tokenizer import WorldTokenizer
 from rwkv7.tuning import CKPT_KEY, NonFiniteLossError, OptimSettings, StateTuner
@@ -79,9 +81,23 @@ class TrainParams(BaseModel):
     loss_chunk: int = Field(1024, ge=1, description="scored positions per head matmul")
     ckpt_every_n_steps: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "int8", "nf4"] = Field(
+        "bf16", description="frozen Linear weights: bf16 (float32 on CPU), or int8 / nf4 via bitsandbytes (CUDA only)")
+    devices: int = Field(1, ge=1, description="GPUs (processes on CPU) to train on; >1 runs Lightning DDP with a "
+                                              "global batch of micro_bsz × devices and the state's gradient averaged")
     distill_prompt: str | None = Field(None, description="train the state to act like this prompt (KL loss)")
     tensorboard: bool = False
     progress_bar: bool = True
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> TrainParams:
+        """Validate command-line options; a bad value raises ValueError naming the option."""
+        try:
+            return cls.model_validate(options)
+        except ValidationError as e:
+            problems = "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                                 for err in e.errors())
+            raise ValueError(problems) from None
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainParams:
@@ -106,6 +122,8 @@ class EpochStates(Callback):
         self.out_dir, self.model, self.meta = out_dir, model, meta
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StateTuner) -> None:
+        if not trainer.is_global_zero:
+            return
         epoch = trainer.current_epoch + 1
         save_state(self.out_dir / f"state-epoch{epoch}.pth", pl_module.state_wkv,
                    {**self.meta, "epoch": epoch, "step": trainer.global_step}, model=self.model)
@@ -137,20 +155,21 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
     made with other params or data). `callbacks` are extra Lightning callbacks.
     """
     out_dir, data_path = Path(out_dir), Path(data_path)
-    encode = WorldTokenizer().encode
+    encode = _tokenizer().encode
     samples, data_stats = load_samples(data_path, encode, params.ctx_len, params.loss_on, params.overlong)
     last_ckpt = out_dir / CHECKPOINT_DIR / LAST_CKPT
     if resume and not last_ckpt.is_file():
         raise TrainingError(f"cannot resume: {last_ckpt} does not exist (start without --resume)")
     L.seed_everything(params.seed, verbose=False)
     device = _device(params.device)
-    model = load_model(model_path, device=device)
+    model = _load(model_path, device, params.precision)
     top_id = max(max(s.ids) for s in samples)
     if top_id >= model.config.vocab_size:
         raise TrainingError(f"{data_path}: token id {top_id} is outside the vocabulary of {model_path} "
                             f"({model.config.vocab_size} tokens)")
     data_sha = file_sha256(data_path)
-    sampler = BucketBatchSampler([s.n_inputs for s in samples], params.micro_bsz, params.seed, params.bucket_window)
+    sampler = BucketBatchSampler([s.n_inputs for s in samples], params.micro_bsz, params.seed, params.bucket_window,
+                                 num_replicas=params.devices)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
                                          collate_fn=pack_collate if device.type == "cuda" else pad_collate)
     steps_per_epoch = math.ceil(len(sampler) / params.accumulate_grad_batches)
@@ -160,7 +179,7 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
     meta = {"training": params.model_dump(), "data": {"file": data_path.name, "sha256": data_sha}}
     trainer = _trainer(params, device, out_dir, total_steps, steps_per_epoch,
                        [EpochStates(out_dir, model, meta), ResumeGuard({**params.model_dump(), "data_sha256": data_sha}),
-                        *callbacks])
+                        ShardBatches(sampler), *callbacks])
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
@@ -171,15 +190,49 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
                         weights_only=True)
     except NonFiniteLossError as e:
         kept = out_dir / "state-last-good.pth"
-        save_state(kept, e.last_good, {**meta, "stopped": str(e)}, model=model)
+        if trainer.is_global_zero:
+            save_state(kept, e.last_good, {**meta, "stopped": str(e)}, model=model)
         raise TrainingError(f"{e} Last finite state written to {kept}.") from e
     trainer.save_checkpoint(last_ckpt, weights_only=False)  # False: keep optimizer and loop state
     metrics = _metrics(module.history, data_stats.as_dict(), total_steps, device, resume)
-    save_state(out_dir / "state.pth", module.state_wkv, {**meta, "metrics": metrics}, model=model)
-    write_json(out_dir / "metrics.json", metrics)
-    write_text(out_dir / "metrics.csv", _csv(module.history))
-    plot_loss(module.history, out_dir / "loss.png")
+    if trainer.is_global_zero:  # under DDP every rank holds the same state; rank 0 writes the files
+        save_state(out_dir / "state.pth", module.state_wkv, {**meta, "metrics": metrics}, model=model)
+        write_json(out_dir / "metrics.json", metrics)
+        write_text(out_dir / "metrics.csv", _csv(module.history))
+        plot_loss(module.history, out_dir / "loss.png")
     return metrics
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> WorldTokenizer:
+    return WorldTokenizer()
+
+
+class ShardBatches(Callback):
+    """Tells the batch sampler which rank this process is, once Lightning has set up the processes (DDP)."""
+
+    def __init__(self, sampler: BucketBatchSampler) -> None:
+        self.sampler = sampler
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size != self.sampler.num_replicas:
+            raise TrainingError(f"the sampler was built for {self.sampler.num_replicas} processes, "
+                                f"Lightning runs {trainer.world_size}")
+        self.sampler.rank = trainer.global_rank
+
+
+def _load(model_path: str | os.PathLike[str], device: torch.device, precision: str) -> RWKV7:
+    """bf16: straight onto the device. int8/nf4: read on the CPU in bf16, quantized onto the GPU one weight at
+    a time (the full-precision model never sits on the GPU)."""
+    try:
+        check_precision(precision, device)
+    except QuantizationError as e:
+        raise TrainingError(str(e)) from None
+    if precision == "bf16":
+        return load_model(model_path, device=device)
+    model = load_model(model_path, device="cpu", dtype=torch.bfloat16)
+    quantize_model(model, precision, device)
+    return model
 
 
 def _device(name: str) -> torch.device:
@@ -203,7 +256,8 @@ def _trainer(p: TrainParams, device: torch.device, out_dir: Path, total_steps: i
     callbacks = [ckpt, *callbacks]
     if p.progress_bar:
         callbacks.append(RichProgressBar() if _has_rich_terminal() else TQDMProgressBar())
-    return L.Trainer(accelerator=device.type, devices=1,
+    return L.Trainer(accelerator=device.type, devices=p.devices, strategy="ddp" if p.devices > 1 else "auto",
+                     use_distributed_sampler=False,  # BucketBatchSampler shards itself (ShardBatches)
                      precision="bf16-mixed" if device.type == "cuda" else "32-true",
                      max_steps=total_steps, max_epochs=math.ceil(total_steps / steps_per_epoch),
                      accumulate_grad_batches=p.accumulate_grad_batches,

@@ -1,0 +1,157 @@
+"""train_state and `statetune train` end to end on a tiny random model: outputs, rwkv-pip parity of the saved
+state, resume == uninterrupted, NaN stop, data errors before model loading."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from typer.testing import CliRunner
+
+from rwkv7.checkpoint import random_checkpoint, save_checkpoint
+from rwkv7.cli import app
+from rwkv7.data import DatasetError
+from rwkv7.model import load_model
+from rwkv7.state import load_state
+from rwkv7.train import CSV_FIELDS, TrainingError, TrainParams, train_state
+
+N_SAMPLES, MICRO_BSZ = 12, 4  # 3 batches per epoch
+FAST = {"ctx_len": 40, "micro_bsz": MICRO_BSZ, "lr_init": 0.5, "lr_final": 0.05, "warmup_steps": 2,
+        "ckpt_every_n_steps": 1, "progress_bar": False, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 layers, C=64, the World vocabulary (65536), so real tokenizer ids fit."""
+    path = tmp_path_factory.mktemp("model") / "tiny-world.pth"
+    save_checkpoint(random_checkpoint(n_layer=2, n_embd=64, seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dialogues(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = []
+    for i in range(N_SAMPLES):
+        messages = [{"role": "user", "content": f"Is sentence {i} correct?"},
+                    {"role": "assistant", "content": "NEGA here: yes, " + "it is fine. " * (1 + i % 4)}]
+        lines.append(json.dumps({"id": f"t-{i}", "messages": messages, "source": {}}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_state_writes_all_outputs_and_the_state_loads_in_rwkv_pip(world_model: Path, dialogues: Path,
+                                                                         tmp_path: Path, rwkv_oracle) -> None:
+    model_sha = sha256(world_model)
+    metrics = train_state(world_model, dialogues, tmp_path, TrainParams(**FAST, max_steps=5))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"state.pth", "state.json", "state-epoch1.pth", "state-epoch1.json", "state-epoch2.pth",
+            "metrics.json", "metrics.csv", "loss.png", "checkpoints"} <= names
+    assert not any(n.endswith(".tmp") for n in names) and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert sha256(world_model) == model_sha
+    rows = csv_rows(tmp_path / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5] and list(rows[0]) == list(CSV_FIELDS)
+    assert [int(r["epoch"]) for r in rows] == [1, 1, 1, 2, 2]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["steps"] == 5 and metrics["tokens_per_s"] > 0 and metrics["data"]["used"] == N_SAMPLES
+    assert metrics["real_tokens"] == sum(int(r["tokens"]) for r in rows)
+    sidecar = json.loads((tmp_path / "state.json").read_text())
+    assert sidecar["metadata"]["data"]["sha256"] == sha256(dialogues)
+    assert sidecar["metadata"]["training"]["lr_init"] == 0.5 and sidecar["base_model"]["sha256"] == model_sha
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    saved = torch.load(tmp_path / "state.pth", map_location="cpu", weights_only=True)
+    assert sorted(saved) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
+    time_state = torch.stack([saved[f"blocks.{i}.att.time_state"] for i in range(2)])
+    assert time_state.abs().sum() > 0
+    tokens = [24281, 59, 4571, 261, 5585, 41693, 59]
+    model = load_model(world_model)
+    ours, _ = model(torch.tensor([tokens]), load_state(tmp_path / "state.pth", model))
+    theirs = rwkv_oracle(world_model).logits(tokens, time_state)
+    assert torch.allclose(ours[0], theirs, rtol=1e-4, atol=1e-4)
+
+
+class Interrupt(Callback):
+    """Stops a run like a crash would, right after the checkpoint of step `at` was written."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 4], ids=["at-epoch-end", "mid-epoch"])
+def test_a_resumed_run_reaches_the_same_state_as_an_uninterrupted_one(world_model: Path, dialogues: Path,
+                                                                      tmp_path: Path, interrupt_at: int) -> None:
+    params = TrainParams(**FAST, max_steps=7)
+    train_state(world_model, dialogues, tmp_path / "whole", params)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_state(world_model, dialogues, tmp_path / "resumed", params, callbacks=[Interrupt(interrupt_at)])
+    assert not (tmp_path / "resumed" / "state.pth").exists()
+    metrics = train_state(world_model, dialogues, tmp_path / "resumed", params, resume=True)
+    assert metrics["resumed"] and metrics["steps"] == 7
+    whole = torch.load(tmp_path / "whole" / "state.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "state.pth", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    cols = ("step", "epoch", "loss", "lr")
+    assert ([[r[c] for c in cols] for r in csv_rows(tmp_path / "resumed" / "metrics.csv")]
+            == [[r[c] for c in cols] for r in csv_rows(tmp_path / "whole" / "metrics.csv")])
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_or_none(world_model: Path, dialogues: Path,
+                                                            tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="does not exist"):
+        train_state(world_model, dialogues, tmp_path, TrainParams(**FAST, max_steps=1), resume=True)
+    train_state(world_model, dialogues, tmp_path, TrainParams(**FAST, max_steps=1))
+    with pytest.raises(TrainingError, match=r"different run \(lr_init: 0.5 → 0.25"):
+        train_state(world_model, dialogues, tmp_path, TrainParams(**{**FAST, "lr_init": 0.25}, max_steps=1),
+                    resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_finite_state(world_model: Path, dialogues: Path,
+                                                                          tmp_path: Path) -> None:
+    params = TrainParams(**{**FAST, "lr_init": 1e35, "lr_final": 1e35, "warmup_steps": 0}, max_steps=6)
+    with pytest.raises(TrainingError, match=r"(loss|gradient) became .*last-good"):
+        train_state(world_model, dialogues, tmp_path, params)
+    kept = load_state(tmp_path / "state-last-good.pth", load_model(world_model))
+    assert torch.isfinite(kept.wkv).all() and not (tmp_path / "state.pth").exists()
+
+
+def test_empty_or_unusable_data_fails_before_the_model_is_loaded(tmp_path: Path) -> None:
+    missing_model = tmp_path / "no-such-model.pth"
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    (tmp_path / "unusable.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match="no usable training sample"):
+        train_state(missing_model, tmp_path / "empty.jsonl", tmp_path / "out", TrainParams())
+    with pytest.raises(DatasetError, match="invalid_record"):
+        train_state(missing_model, tmp_path / "unusable.jsonl", tmp_path / "out", TrainParams())
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_runs_and_reports_bad_options(world_model: Path, dialogues: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["train", "--model", str(world_model), "--data", str(dialogues), "--out", str(tmp_path)]
+    result = runner.invoke(app, [*base, "--max-steps", "2", "--micro-bsz", "4", "--ctx-len", "40",
+                                 "--loss-on", "all", "--warmup-steps", "0"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "state.pth").is_file() and "2 steps" in result.output
+    assert json.loads((tmp_path / "state.json").read_text())["metadata"]["training"]["loss_on"] == "all"
+    bad = runner.invoke(app, [*base, "--loss-on", "everything"])
+    assert bad.exit_code == 2 and "--loss-on" in bad.output
+    assert "--resume" in runner.invoke(app, ["train", "--help"]).output
