@@ -30,7 +30,7 @@ REQUIRED_TOOLS = ("espeak-ng", "sox", "ffmpeg")
 
 SAMPLE_RATE_HZ = 16_000  # Whisper's native rate: no resampling at transcription time
 SPEECH_WPM = 165  # a little slower than espeak-ng's default 175 words per minute, for clearer speech
-PAUSE_S = 0.5  # silence after each turn, so VAD and cue splitting see turn boundaries
+PAUSE_S = 1.2  # silence after each turn: longer than any pause inside a turn, so turns are found by pauses
 AUDIO_BITRATE = "32k"
 VIDEO_SIZE = "64x64"
 VIDEO_FPS = 1

@@ -100,6 +100,9 @@ class SrtToJsonlParams(BaseModel):
     system_prompt: str | None = None
     merge_gap_s: float = Field(1.5, ge=0)
     continuation_gap_s: float = Field(0.5, ge=0)
+    # Pause-based turns for `alternating`: when set, the speaker changes only at a pause at least this long
+    # (transcripts of real conversation split one turn into several cues; a cue count says nothing of turns).
+    turn_gap_s: float | None = Field(None, gt=0)
     max_turns: int = Field(12, ge=2)
     max_chars: int = Field(3000, gt=0)
     overlap_turns: int = Field(0, ge=0)
@@ -347,15 +350,21 @@ def roles_tags(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> li
 
 
 def roles_alternating(pieces: list[Piece], params: SrtToJsonlParams, first: Role) -> list[Role]:
-    """Each piece is the other speaker's turn, unless it continues an unfinished sentence right away."""
+    """Each piece is the other speaker's turn, unless it continues the current one.
+
+    A piece continues the current turn when it follows an unfinished sentence right away (within
+    `continuation_gap_s`) or, with `turn_gap_s` set, when the pause before it is shorter than `turn_gap_s`.
+    """
     roles: list[Role] = []
     for i, piece in enumerate(pieces):
         prev = pieces[i - 1] if i else None
-        continues = (
-            prev is not None and not piece.dash and prev.cue is not piece.cue
-            and piece.cue.start - prev.cue.end <= params.continuation_gap_s
+        gap = piece.cue.start - prev.cue.end if prev is not None else 0.0
+        unfinished = (
+            prev is not None and prev.cue is not piece.cue and gap <= params.continuation_gap_s
             and not prev.text.endswith(tuple(FINAL_PUNCTUATION))
         )
+        short_pause = prev is not None and params.turn_gap_s is not None and gap < params.turn_gap_s
+        continues = not piece.dash and (unfinished or short_pause)
         roles.append(roles[-1] if continues else _other(roles[-1] if roles else None, first))
     return roles
 

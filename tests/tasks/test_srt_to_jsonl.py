@@ -195,6 +195,24 @@ def test_alternating_strategy_uses_dashes_and_unfinished_sentences(tmp_path: Pat
     assert report.dropped == {"leading_assistant_message": 1, "trailing_user_message": 1}
 
 
+def test_alternating_with_turn_gap_switches_speaker_only_at_long_pauses(tmp_path: Path) -> None:
+    path = write_srt(tmp_path, srt(
+        (0, 1, "Hello NEGA."),
+        (1.3, 2, "When do I say a?"),                  # 0.3 s pause: the same speaker goes on
+        (3.2, 4, "Before a consonant sound."),         # 1.2 s pause: a new turn
+        (4.6, 5, "Like a cat."),
+        (6.5, 7, "Thanks!"),
+    ))
+    records, _, _, _ = convert(path, speaker_strategy="alternating", turn_gap_s=0.9)
+    assert turns(records[0]) == [
+        ("user", "Hello NEGA. When do I say a?"),
+        ("assistant", "Before a consonant sound. Like a cat."),
+    ]
+    records, _, _, _ = convert(path, speaker_strategy="alternating")   # without it, every cue is a turn
+    assert [role for role, _ in turns(records[0])] == ["user", "assistant"] * 2
+    assert turns(records[0])[1] == ("assistant", "When do I say a?")
+
+
 def test_monologue_strategy_pairs_chunks_with_prompt(tmp_path: Path) -> None:
     path = write_srt(tmp_path, srt((0, 1, "First sentence."), (1.2, 2, "Second one."), (5, 6, "After a pause.")),
                      name="lesson_monologue.srt")   # the default per_file glob picks monologue
