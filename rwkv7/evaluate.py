@@ -5,7 +5,9 @@ Boundary: model, token ids, states and strings in; numbers and strings out. No f
 
 Loss is the mean next-token negative log-likelihood over exactly the tokens the training loss uses (the loss
 mask of `rwkv7.data`, assistant-only by default), summed over all sequences and divided by the number of scored
-tokens, so a variant with longer answers weighs more, like in training.
+tokens, so a dialogue with longer answers weighs more, like in training. "KL to the prompt" is the mean
+KL(p_prompted ‖ p_variant) over the same tokens: how closely a state imitates the prompted model, which is
+what prompt distillation trains for.
 
 Behaviour measures need no network:
 >>> distinct_n(["a b a b"], 1), round(distinct_n(["a b a b"], 2), 3)
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,19 +29,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rwkv7.data import Sample, pad_collate
+from rwkv7.generate import SamplingParams, complete
 from rwkv7.model import RWKV7
 from rwkv7.state import RWKVState
+from rwkv7.template import render_text
+from rwkv7.tokenizer import WorldTokenizer
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-HEAD_CHUNK = 4096  # scored positions per head matmul: bounds the [chunk, V] logits buffer (V = 65536)
+HEAD_CHUNK = 1024  # scored positions per head matmul: bounds each [chunk, V] float32 logits buffer (256 MB)
 
 
 @dataclass(frozen=True)
 class LossScore:
-    """Summed masked NLL of one variant over a data set.
+    """Summed masked NLL (and optionally KL to a reference variant) of one variant over a data set.
 
     `n_tokens` counts scored (masked-in) target tokens; `n_processed` counts every real (non-padding) token the
-    model read, prompt prefixes excluded; `seconds` is wall time of the forward passes.
+    model read, prompt prefixes excluded; `seconds` is this variant's wall time (forward, head, KL).
     """
 
     nll_sum: float
@@ -47,10 +52,16 @@ class LossScore:
     n_sequences: int
     n_processed: int = 0
     seconds: float = 0.0
+    kl_sum: float = math.nan
 
     @property
     def loss(self) -> float:
         return self.nll_sum / self.n_tokens if self.n_tokens else math.nan
+
+    @property
+    def kl(self) -> float:
+        """Mean KL(p_reference ‖ p) per scored token (nats); NaN when scored without a reference."""
+        return self.kl_sum / self.n_tokens if self.n_tokens else math.nan
 
     @property
     def perplexity(self) -> float:
@@ -163,39 +174,86 @@ def consume(model: RWKV7, ids: Sequence[int], state: RWKVState | None = None) ->
     return final
 
 
-def _masked_nll(model: RWKV7, hidden: Tensor, targets: Tensor, mask: Tensor) -> float:
-    """Sum of −log p(target) over masked positions; the head runs only on the scored positions.
-
-    `hidden [B, T, C]`, `targets [B, T]`, `mask [B, T]` bool.
-    """
-    h, t = hidden[mask], targets[mask]  # [M, C], [M]
+def _nll_sum(model: RWKV7, hidden: Tensor, targets: Tensor) -> float:
+    """Σ −log p(target) for `hidden [M, C]`, `targets [M]`, the head applied chunk by chunk."""
     total = 0.0
-    for i in range(0, h.shape[0], HEAD_CHUNK):
-        logits = model.head(h[i:i + HEAD_CHUNK]).float()
-        total += F.cross_entropy(logits, t[i:i + HEAD_CHUNK], reduction="sum").item()
+    for i in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = model.head(hidden[i:i + HEAD_CHUNK]).float()
+        total += F.cross_entropy(logits, targets[i:i + HEAD_CHUNK], reduction="sum").item()
+    return total
+
+
+def _kl_sum(model: RWKV7, ref_hidden: Tensor, hidden: Tensor) -> float:
+    """Σ KL(p_ref ‖ p) over rows of `ref_hidden, hidden [M, C]` (next-token distributions, nats)."""
+    total = 0.0
+    for i in range(0, hidden.shape[0], HEAD_CHUNK):
+        log_ref = F.log_softmax(model.head(ref_hidden[i:i + HEAD_CHUNK]).float(), dim=-1)
+        log_p = F.log_softmax(model.head(hidden[i:i + HEAD_CHUNK]).float(), dim=-1)
+        total += F.kl_div(log_p, log_ref, log_target=True, reduction="sum").item()
     return total
 
 
 @torch.no_grad()
-def score(model: RWKV7, samples: Sequence[Sample], state: RWKVState | None = None,
-          batch_size: int = 8) -> LossScore:
-    """Masked next-token NLL of `samples` (from `rwkv7.data.load_samples`) read from `state`, batched.
+def score_many(model: RWKV7, samples: Sequence[Sample], states: Mapping[str, RWKVState | None],
+               batch_size: int = 8, reference: str | None = None) -> dict[str, LossScore]:
+    """Masked next-token NLL of `samples` (from `rwkv7.data.load_samples`) for each named initial state.
 
-    `state` is a batch-1 initial state (zeros if None) shared by every sample, as in training. Samples are
+    Each state is a batch-1 initial state (None = zeros) shared by every sample, as in training. Samples are
     sorted by length and right-padded with `rwkv7.data.pad_collate` (causal model: padding changes nothing);
-    the loss counts exactly the targets the training loss counts (`Sample.mask`).
+    the loss counts exactly the targets the training loss counts (`Sample.mask`). With `reference` (a key of
+    `states`), each score also sums KL(p_reference ‖ p_state) over the same targets: how far a variant's
+    next-token distributions are from, e.g., the prompted model's. The head only runs on scored positions.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if reference is not None and reference not in states:
+        raise ValueError(f"reference {reference!r} is not one of the states {sorted(states)}")
+    nll = dict.fromkeys(states, 0.0)
+    kl = dict.fromkeys(states, 0.0)
+    seconds = dict.fromkeys(states, 0.0)
+    n_tok = n_proc = 0
     order = sorted(samples, key=lambda s: len(s.ids), reverse=True)
-    nll, n_tok, n_proc = 0.0, 0, 0
-    t0 = time.perf_counter()
     for i in range(0, len(order), batch_size):
         batch = pad_collate(order[i:i + batch_size])
-        mask = batch.loss_mask.to(model.device)
-        hidden, _ = model(batch.tokens.to(model.device), state, return_hidden=True)
-        nll += _masked_nll(model, hidden, batch.targets.to(model.device), mask)
+        tokens, mask = batch.tokens.to(model.device), batch.loss_mask.to(model.device)
+        targets = batch.targets.to(model.device)[mask]
+        hidden = {}
+        for name, state in states.items():
+            t0 = time.perf_counter()
+            h, _ = model(tokens, state, return_hidden=True)
+            hidden[name] = h[mask]  # [M, C]: the positions whose targets are scored
+            nll[name] += _nll_sum(model, hidden[name], targets)
+            seconds[name] += time.perf_counter() - t0
+        if reference is not None:
+            for name in states:
+                t0 = time.perf_counter()
+                kl[name] += _kl_sum(model, hidden[reference], hidden[name]) if name != reference else 0.0
+                seconds[name] += time.perf_counter() - t0
         n_tok += int(mask.sum())
         n_proc += batch.n_real
-    return LossScore(nll_sum=nll, n_tokens=n_tok, n_sequences=len(samples), n_processed=n_proc,
-                     seconds=time.perf_counter() - t0)
+    return {name: LossScore(nll_sum=nll[name], n_tokens=n_tok, n_sequences=len(samples), n_processed=n_proc,
+                            seconds=seconds[name], kl_sum=kl[name] if reference is not None else math.nan)
+            for name in states}
+
+
+def score(model: RWKV7, samples: Sequence[Sample], state: RWKVState | None = None,
+          batch_size: int = 8) -> LossScore:
+    """`score_many` for one initial state."""
+    return score_many(model, samples, {"state": state}, batch_size)["state"]
+
+
+def generate_responses(model: RWKV7, tokenizer: WorldTokenizer, prompts: Sequence[str], state: RWKVState | None,
+                       sampling: SamplingParams) -> list[Generation]:
+    """One reply per user prompt from `state` (each prompt starts from it afresh), rendered by the G1 template.
+
+    Prompt i samples with seed `sampling.seed + i`, so two states given the same prompts and params differ only
+    by what the state does. `Generation.seconds` includes reading the prompt.
+    """
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(render_text([{"role": "user", "content": prompt}], generation_prompt=True))
+        params = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + i})
+        t0 = time.perf_counter()
+        done = complete(model, tokenizer, ids, state, params)
+        out.append(Generation(prompt, done.text.strip(), len(done.token_ids), time.perf_counter() - t0))
+    return out

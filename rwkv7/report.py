@@ -11,6 +11,7 @@ state first), "epoch_<N>" (a saved epoch state), "final" (the final state).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -59,10 +60,11 @@ def metrics(results: Sequence[VariantResult], best: VariantResult,
     out: dict = {
         "val_loss": {r.name: _r(r.score.loss) for r in results},
         "val_ppl": {r.name: _r(r.score.perplexity) for r in results},
+        "kl_to_prompt": {r.name: _r(r.score.kl) for r in results if not math.isnan(r.score.kl)},
         "val_tokens": best.score.n_tokens,
         "val_sequences": best.score.n_sequences,
         "best": {"variant": best.name, "epoch": best.epoch, "val_loss": _r(best.score.loss),
-                 "val_ppl": _r(best.score.perplexity)},
+                 "val_ppl": _r(best.score.perplexity), "kl_to_prompt": _r(best.score.kl)},
     }
     zero, prompt = by_name.get(ZERO), by_name.get(PROMPT)
     if zero:
@@ -209,8 +211,16 @@ def _fmt(x: float | None, digits: int = _DIGITS) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _fact(value: object) -> str:
+    """A value for an inline code span: floats to 4 significant digits, multi-line strings JSON-quoted."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if "\n" in text or "`" in text else text
+
+
 def _facts(items: Mapping[str, object]) -> list[str]:
-    return [f"- {k}: `{v}`" for k, v in items.items() if v not in (None, "")]
+    return [f"- {k}: `{_fact(v)}`" for k, v in items.items() if v not in (None, "")]
 
 
 def _summary(inp: ReportInputs) -> list[str]:
@@ -222,7 +232,9 @@ def _summary(inp: ReportInputs) -> list[str]:
     if parts:
         line += "; " + ", ".join(parts)
     return [line + ".", "", "Lower is better: mean negative log-likelihood (nats) per scored token "
-            f"({inp.data.get('mask', 'assistant')} tokens, the tokens the training loss uses)."]
+            f"({inp.data.get('mask', 'assistant')} tokens, the tokens the training loss uses). *KL to prompt* is "
+            "the mean KL divergence (nats/token) from the prompted model's next-token distribution on the same "
+            "tokens: 0 means the variant predicts exactly like the base model reading the system prompt."]
 
 
 def _loss_table(inp: ReportInputs) -> list[str]:
@@ -232,8 +244,9 @@ def _loss_table(inp: ReportInputs) -> list[str]:
         delta = _fmt(zero.score.loss - r.score.loss) if zero and r is not zero else ""
         star = " (best)" if r.name == inp.best.name else ""
         rows.append([label(r.name) + star, _fmt(r.score.loss), _fmt(r.score.perplexity, 2), delta,
-                     r.score.n_tokens])
-    return _table(["variant", "val loss", "perplexity", "gain vs zero state", "scored tokens"], rows)
+                     _fmt(r.score.kl), r.score.n_tokens])
+    return _table(["variant", "val loss", "perplexity", "gain vs zero state", "KL to prompt", "scored tokens"],
+                  rows)
 
 
 def _behaviour_table(inp: ReportInputs) -> list[str]:
