@@ -1,7 +1,7 @@
 """A tiny real DVC project in a temp git repo: four `python -c` stages in a diamond, plus helpers.
 
-    make ──> left ──┐
-       └──> right ──┴──> join          (right also reads params `right.n`)
+    sources.json ─> make ──> left ──┐
+                       └──> right ──┴──> join          (right also reads params `right.n`)
 
 Every stage command appends `<stage> <start> <end>` to `runs.log` (not a DVC output), so a test can tell a
 stage that really ran from one DVC restored from its run-cache. `make` writes a stats JSON declared as metrics.
@@ -25,7 +25,13 @@ right:
   sleep: 0  # seconds right waits (parallelism test)
 left:
   sleep: 0  # seconds left waits (parallelism test)
+download:
+  sources: [media]  # listed by the real `tasks.download --list-only` (refresh test)
+schedule:
+  refresh_cron: "0 3 * * *"
 """
+SOURCES_JSON = '{"sources": ["media"], "media_ids": ["generic-one"]}\n'
+
 
 
 def _stage_cmd(stage: str, body: str) -> str:
@@ -40,6 +46,7 @@ stages:
     cmd: {_stage_cmd("make", "open('a.txt', 'w').write('a' * p['make']['n']); import json; "
                      "open('stats/make.json', 'w').write(json.dumps(dict(stage='make', read=0, written=p['make']['n'], "
                      "dropped_total=0, seconds=0.0)))")}
+    deps: [sources.json]
     params: [make.n]
     outs: [a.txt]
     metrics: [stats/make.json]
@@ -88,6 +95,9 @@ def make_project(path: Path, remote: Path | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "stats").mkdir()
     (path / "params.yaml").write_text(PARAMS)
+    (path / "sources.json").write_text(SOURCES_JSON)
+    (path / "media").mkdir()
+    (path / "media" / "one.mp4").write_bytes(b"not really a video")
     (path / "dvc.yaml").write_text(DVC_YAML)
     (path / ".gitignore").write_text("runs.log\n")
     git(path, "init", "-q")
