@@ -1,0 +1,60 @@
+"""The served deployments, end to end as the UI uses them: a real server, `python -m flows.serve` in its own
+process, a run triggered through the API, and its artifacts read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import stop
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from synthetic_project import REPO_ROOT, STAGES, dvc
+
+DEPLOYMENT_WAIT_S = 120
+RUN_TIMEOUT_S = 240
+
+
+def wait_for_deployments(names: list[str], serving: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + DEPLOYMENT_WAIT_S
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            assert serving.poll() is None, f"flows.serve exited:\n{log.read_text()[-3000:]}"
+            try:
+                return {name: client.read_deployment_by_name(name) for name in names}
+            except Exception:  # ObjectNotFound until the serving process has registered them
+                time.sleep(1)
+    raise TimeoutError(f"deployments {names} not registered:\n{log.read_text()[-3000:]}")
+
+
+def test_ui_style_run_of_the_served_pipeline(prefect_api: str, project: Path, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO_ROOT)}
+    with log.open("w") as out:
+        serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--workspace", str(project)],
+                                   cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deployments = wait_for_deployments(
+            ["statetune-pipeline/manual", "statetune-refresh/scheduled"], serving, log)
+        refresh = deployments["statetune-refresh/scheduled"]
+        assert [s.schedule.cron for s in refresh.schedules] == ["0 3 * * *"]
+        assert deployments["statetune-pipeline/manual"].global_concurrency_limit.limit == 1
+
+        flow_run = run_deployment("statetune-pipeline/manual", parameters={"settings": {"epochs": 4}},
+                                  timeout=RUN_TIMEOUT_S, poll_interval=1)
+        assert flow_run.state.is_completed(), f"{flow_run.state}\n{log.read_text()[-3000:]}"
+    finally:
+        stop(serving)
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    by_key = {a.key: a for a in artifacts if a.key}
+    rows = json.loads(by_key["stage-results"].data)
+    assert {r["stage"]: r["outcome"] for r in rows} == dict.fromkeys(STAGES, "ran")
+    assert "train:\n  epochs: 4\n" in (project / "params.yaml").read_text()
+    assert "up to date" in dvc(project, "status")
