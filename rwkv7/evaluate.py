@@ -1,7 +1,8 @@
 """Evaluation of initial states: masked validation loss, seeded side-by-side generations, behaviour measures.
 
-Boundary: model, token ids, states and strings in; numbers and strings out. No files (the `evaluate` stage in
-`tasks/evaluate.py` finds and writes them; `rwkv7/report.py` renders them).
+Boundary: the maths (`score_many`, `generate_responses`, `behaviour`) takes a model, samples, states and
+strings and returns numbers and strings; `run_evaluation` (used by `statetune eval` and the `evaluate` stage)
+goes from paths to the report folder, with `rwkv7/report.py` rendering and writing the outputs.
 
 Loss is the mean next-token negative log-likelihood over exactly the tokens the training loss uses (the loss
 mask of `rwkv7.data`, assistant-only by default), summed over all sequences and divided by the number of scored
@@ -21,18 +22,22 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from rwkv7.data import Sample, pad_collate
+from rwkv7 import report
+from rwkv7.data import Sample, file_sha256, load_samples, pad_collate
 from rwkv7.generate import SamplingParams, complete
-from rwkv7.model import RWKV7
-from rwkv7.state import RWKVState
-from rwkv7.template import render_text
+from rwkv7.model import RWKV7, load_model
+from rwkv7.state import RWKVState, load_state, read_state_file, save_state
+from rwkv7.template import render, render_text
 from rwkv7.tokenizer import WorldTokenizer
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -257,3 +262,166 @@ def generate_responses(model: RWKV7, tokenizer: WorldTokenizer, prompts: Sequenc
         done = complete(model, tokenizer, ids, state, params)
         out.append(Generation(prompt, done.text.strip(), len(done.token_ids), time.perf_counter() - t0))
     return out
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are NEGA, the Native English Grammar Assistant: a warm, precise English grammar teacher. Give the "
+    "corrected sentence first, name the rule in one or two short sentences with one fresh example, and end with "
+    "a brief word of encouragement. Keep replies under 80 words.")
+DEFAULT_PROMPTS = ("Is it correct to say I have went to the shop yesterday?",
+                   "Should I write fewer people or less people?",
+                   "Who are you?",
+                   "I am agree with you about this plan.",
+                   "What is the difference between since and for?")
+DEFAULT_MARKERS = ("NEGA", "grammar", "Great question")
+DEFAULT_MAX_TOKENS = 120
+DEFAULT_CTX_LEN = 512
+EPOCH_STATE = re.compile(r"^state-epoch(\d+)\.pth$")
+FINAL_STATE = "state.pth"
+BEST_STATE = "best-state.pth"
+JUDGE_OFF = "LLM judge: off (`evaluate.judge.provider: none`); every measure above is computed offline."
+Judge = Callable[[Mapping[str, Sequence[Generation]]], tuple[dict[str, float], str]]
+
+
+class JudgeParams(BaseModel):
+    """Optional LLM judge (the `evaluate` stage runs it through the augment stage's OpenAI-compatible
+    provider; key from OPENAI_API_KEY). `provider: none` keeps evaluation offline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["none", "openai"] = "none"
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    timeout_s: float = Field(60.0, gt=0.0)
+
+
+class EvaluateParams(BaseModel):
+    """Section `evaluate` of params.yaml (the CLI's options too).
+
+    `loss_on`/`ctx_len` None = what the training run used (read from its state sidecar), so the loss counts the
+    same tokens as training. `system_prompt` is the prompt baseline's system message; `markers` are regular
+    expressions (a plain word is one) counted in generations; prompt i is sampled with `sampling.seed + i`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1)
+    loss_on: Literal["assistant", "all"] | None = None
+    ctx_len: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(seed=0, max_tokens=DEFAULT_MAX_TOKENS))
+    markers: list[str] = Field(default_factory=lambda: list(DEFAULT_MARKERS))
+    markers_ignore_case: bool = True
+    judge: JudgeParams = Field(default_factory=JudgeParams)
+
+    @field_validator("markers")
+    @classmethod
+    def _markers_compile(cls, markers: list[str]) -> list[str]:
+        for m in markers:
+            try:
+                re.compile(m)
+            except re.error as e:
+                raise ValueError(f"marker {m!r} is not a valid regular expression: {e}") from None
+        return markers
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run (missing model, data or states); the message names the path."""
+
+
+def find_states(runs_dir: Path) -> list[tuple[str, int | None, Path]]:
+    """Trained states of a run folder as (variant name, epoch, path): epochs ascending, then "final"."""
+    if not runs_dir.is_dir():
+        raise EvaluationError(f"{runs_dir}: training run folder not found (run the train stage first)")
+    epochs = sorted((int(m.group(1)), p) for p in runs_dir.iterdir() if (m := EPOCH_STATE.match(p.name)))
+    found: list[tuple[str, int | None, Path]] = [(f"epoch_{n}", n, p) for n, p in epochs]
+    if (runs_dir / FINAL_STATE).is_file():
+        found.append(("final", None, runs_dir / FINAL_STATE))
+    if not found:
+        raise EvaluationError(f"{runs_dir}: no trained state ({FINAL_STATE} or state-epoch<N>.pth)")
+    return found
+
+
+def score_variants(model: RWKV7, samples: Sequence[Sample], states: Sequence[tuple[str, int | None, Path]],
+                   prompt_ids: Sequence[int], batch_size: int) -> list[VariantResult]:
+    """Scores (loss, KL to the prompted model) of zero, prompt and every trained state; a state file identical
+    to an earlier one (the final state is usually the last epoch's) reuses its score."""
+    variants: dict[str, RWKVState | None] = {"zero": None, "prompt": consume(model, prompt_ids)}
+    same_as: dict[str, str] = {}
+    for name, _, path in states:
+        state = load_state(path, model)
+        twin = next((n for n, s in variants.items() if n != "prompt" and s is not None
+                     and torch.equal(s.wkv, state.wkv)), None)
+        if twin:
+            same_as[name] = twin
+        else:
+            variants[name] = state
+    scores = score_many(model, samples, variants, batch_size, reference="prompt")
+    results = [VariantResult("zero", scores["zero"], False), VariantResult("prompt", scores["prompt"], False)]
+    results += [VariantResult(name, scores[same_as.get(name, name)], True, epoch) for name, epoch, _ in states]
+    return results
+
+
+def export_best(source: Path, dest: Path, model: RWKV7, evaluation: dict[str, Any]) -> Path:
+    """Copy a state through the state-file writer (Runner layout + sidecar), adding `evaluation` facts to its
+    metadata, and check that the copy loads for `model`."""
+    wkv, sidecar = read_state_file(source)
+    meta = {**(sidecar or {}).get("metadata", {}), "evaluation": {"source": str(source), **evaluation}}
+    save_state(dest, wkv, meta, model=model)
+    load_state(dest, model)
+    return dest
+
+
+def _device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("device 'cuda' requested but CUDA is not available")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def run_evaluation(model_path: Path, val_path: Path, runs_dir: Path, out_dir: Path, p: EvaluateParams,
+                   judge: Judge | None = None) -> dict[str, Any]:
+    """Evaluate every state of `runs_dir` against the two baselines and write the report folder.
+
+    Reads data and states before loading the model, so missing inputs fail in a second. Writes (atomically)
+    `best-state.pth` + `.json` and everything `rwkv7.report.write_outputs` writes. Returns a summary dict:
+    best variant, its loss, data counts, cost. `judge` (optional) scores generations: variant → mean score.
+    """
+    for path, what in ((model_path, "base model"), (val_path, "validation data")):
+        if not path.is_file():
+            raise EvaluationError(f"{path}: {what} file not found")
+    states = find_states(runs_dir)
+    _, sidecar = read_state_file(states[-1][2])
+    train_meta = (sidecar or {}).get("metadata", {})
+    loss_on = p.loss_on or train_meta.get("training", {}).get("loss_on", "assistant")
+    ctx_len = p.ctx_len or train_meta.get("training", {}).get("ctx_len", DEFAULT_CTX_LEN)
+    tok = WorldTokenizer()
+    samples, data_stats = load_samples(val_path, tok.encode, ctx_len, loss_on)
+    model = load_model(model_path, device=_device(p.device))
+    prompt_ids = tok.encode(render([{"role": "system", "content": p.system_prompt}])[0].text)
+    results = score_variants(model, samples, states, prompt_ids, p.batch_size)
+    best = pick_best(results)
+    paths = {name: path for name, _, path in states}
+    val_sha = file_sha256(val_path)
+    export_best(paths[best.name], out_dir / BEST_STATE, model,
+                {"variant": best.name, "epoch": best.epoch, "val_loss": best.score.loss, "val_file": val_path.name,
+                 "val_sha256": val_sha})
+    gen_states = {"base": None, "prompt": consume(model, prompt_ids), "state": load_state(paths[best.name], model)}
+    gens = {name: generate_responses(model, tok, p.prompts, st, p.sampling) for name, st in gen_states.items()}
+    behaviours = {name: behaviour([g.text for g in gs], [g.n_tokens for g in gs], p.markers, p.markers_ignore_case)
+                  for name, gs in gens.items()}
+    judge_scores, judge_note = judge(gens) if judge else ({}, JUDGE_OFF)
+    inputs = report.ReportInputs(
+        results=results, best=best, system_prompt=p.system_prompt, best_state_file=BEST_STATE,
+        model={"file": model_path.name, "sha256": model.source_sha256(), "n_layer": model.config.n_layer,
+               "n_embd": model.config.n_embd},
+        data={"file": str(val_path), "sha256": val_sha, "records": data_stats.read, "used": data_stats.used,
+              "truncated": data_stats.truncated, "scored tokens": best.score.n_tokens, "mask": loss_on,
+              "ctx_len": ctx_len},
+        training=report.training_facts(train_meta), behaviours=behaviours, generations=gens, markers=p.markers,
+        sampling=p.sampling.model_dump(), judge_scores=judge_scores, judge_note=judge_note,
+        cost=report.cost(results, gens))
+    report.write_outputs(out_dir, inputs, runs_dir.parent)
+    return {"best": best.name, "best_val_loss": round(best.score.loss, 6), "variants": [r.name for r in results],
+            "data": data_stats.as_dict(), "generations": sum(map(len, gens.values())), "cost": dict(inputs.cost)}

@@ -1,6 +1,7 @@
 """Evaluation outputs people and DVC read: metrics dict, plot rows, PNG charts, the Markdown report.
 
-Boundary: results of `rwkv7.evaluate` (numbers and strings) in; dicts, strings and PNG files out. Charts are
+Boundary: results of `rwkv7.evaluate` (numbers and strings) in; dicts, strings and files out (`write_outputs`
+writes the whole report folder except the exported state). Charts are
 rendered with matplotlib's Agg canvas (no display, no global pyplot state) and written atomically, so offline
 users get pictures without DVC's CDN-loaded HTML plots.
 
@@ -14,14 +15,20 @@ import csv
 import json
 import math
 import os
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 
-from rwkv7.atomic import atomic_path
-from rwkv7.evaluate import Behaviour, Generation, VariantResult
+from rwkv7.atomic import atomic_path, write_json, write_jsonl, write_text
+
+if TYPE_CHECKING:  # rwkv7.evaluate imports this module; the dataclasses are only read here
+    from rwkv7.evaluate import Behaviour, Generation, VariantResult
+
+log = logging.getLogger(__name__)
 
 ZERO, PROMPT = "zero", "prompt"
 LABELS = {ZERO: "base model, zero state", PROMPT: "base model + system prompt"}
@@ -48,8 +55,8 @@ def _r(x: float) -> float | None:
     return None if math.isnan(x) else round(x, _DIGITS)
 
 
-def metrics(results: Sequence[VariantResult], best: VariantResult,
-            behaviours: Mapping[str, Behaviour]) -> dict:
+def metrics(results: Sequence[VariantResult], best: VariantResult, behaviours: Mapping[str, Behaviour],
+            judge_scores: Mapping[str, float] | None = None) -> dict:
     """The `metrics.json` dict for `dvc metrics show/diff`: nested one level (DVC flattens it to dotted keys).
 
     `improvement_vs_*` are loss differences (positive = the best state is better); `prompt_gap_closed` is the
@@ -78,6 +85,8 @@ def metrics(results: Sequence[VariantResult], best: VariantResult,
                                "distinct_1": _r(b.distinct_1), "distinct_2": _r(b.distinct_2),
                                "marker_rate": _r(b.marker_rate)}
                         for name, b in behaviours.items()}
+    for name, value in (judge_scores or {}).items():
+        out["behaviour"].setdefault(name, {})["judge_score"] = _r(value)
     return out
 
 
@@ -192,6 +201,7 @@ class ReportInputs:
     markers: Sequence[str] = ()
     sampling: Mapping[str, object] = field(default_factory=dict)
     charts: Mapping[str, str] = field(default_factory=dict)
+    judge_scores: Mapping[str, float] = field(default_factory=dict)
     judge_note: str = ""
     cost: Mapping[str, object] = field(default_factory=dict)
 
@@ -259,6 +269,8 @@ def _behaviour_table(inp: ReportInputs) -> list[str]:
             ["persona marker rate", *(_fmt(b.marker_rate, 2) for b in bs)]]
     rows += [[f"marker `{_cell(m)}`", *(f"{b.marker_counts.get(m, 0)}/{b.n_responses}" for b in bs)]
              for m in inp.markers]
+    if inp.judge_scores:
+        rows.append(["LLM judge score", *(_fmt(inp.judge_scores.get(n), 2) for n in names)])
     return _table(["measure", *(_gen_label(n) for n in names)], rows)
 
 
@@ -327,3 +339,55 @@ def render_markdown(inp: ReportInputs) -> str:
     if inp.cost:
         lines += ["## Evaluation cost", "", *_facts(inp.cost), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def training_facts(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Key facts of a training run from its state sidecar's metadata (data file and hash, sizes, settings)."""
+    trained, data, run = meta.get("training", {}), meta.get("data", {}), meta.get("metrics", {})
+    facts = {"data file": data.get("file"), "data sha256": data.get("sha256"),
+             "samples": run.get("data", {}).get("used"), "epochs": run.get("epochs"), "steps": run.get("steps"),
+             "final train loss": run.get("final_loss")}
+    facts.update({k: trained.get(k) for k in ("ctx_len", "micro_bsz", "lr_init", "lr_final", "loss_on")})
+    facts["distilled prompt"] = trained.get("distill_prompt")
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def cost(results: Sequence[VariantResult], generations: Mapping[str, Sequence[Generation]]) -> dict[str, Any]:
+    """Tokens and seconds of loss evaluation (all variants) and of generation (prompt reading included)."""
+    tokens = sum(r.score.n_processed for r in results)
+    seconds = sum(r.score.seconds for r in results)
+    gen_tokens = sum(g.n_tokens for gs in generations.values() for g in gs)
+    gen_seconds = sum(g.seconds for gs in generations.values() for g in gs)
+    return {"loss_tokens": tokens, "loss_seconds": round(seconds, 3),
+            "loss_tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "generated_tokens": gen_tokens, "generation_seconds": round(gen_seconds, 3),
+            "generation_tokens_per_s": round(gen_tokens / gen_seconds, 1) if gen_seconds else None}
+
+
+def _training_curves(runs_root: Path) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    curves = {}
+    for csv_path in sorted(runs_root.glob("*/metrics.csv")):
+        try:
+            curves[csv_path.parent.name] = read_curves(csv_path)
+        except (ReportError, OSError, UnicodeDecodeError) as e:
+            log.warning("report: skipping training curve %s: %s", csv_path, e)
+    return curves
+
+
+def write_outputs(out_dir: Path, inp: ReportInputs, runs_root: Path) -> ReportInputs:
+    """Write `metrics.json`, `plots/val_loss.json`, `generations.jsonl`, `val_loss.png`, `train_loss.png`
+    (every `runs_root/*/metrics.csv` found) and `report.md` into `out_dir`; returns `inp` with its charts."""
+    write_json(out_dir / "metrics.json", metrics(inp.results, inp.best, inp.behaviours, inp.judge_scores))
+    write_json(out_dir / "plots" / "val_loss.json", val_loss_rows(inp.results))
+    write_jsonl(out_dir / "generations.jsonl", ({"variant": name, "prompt": g.prompt, "text": g.text,
+                                                 "tokens": g.n_tokens} for name, gs in inp.generations.items()
+                                                for g in gs))
+    plot_val_loss(inp.results, out_dir / "val_loss.png")
+    charts = {"Validation loss per epoch vs baselines": "val_loss.png"}
+    curves = _training_curves(runs_root)
+    if curves:
+        plot_training_curves(curves, out_dir / "train_loss.png")
+        charts["Training loss of all runs"] = "train_loss.png"
+    inp = replace(inp, charts=charts)
+    write_text(out_dir / "report.md", render_markdown(inp))
+    return inp

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
 from rwkv7.data import Sample
-from rwkv7.evaluate import (Generation, LossScore, VariantResult, behaviour, consume, distinct_n, marker_hits,
-                            pick_best, score, words)
+from rwkv7.evaluate import (Generation, LossScore, VariantResult, behaviour, consume, distinct_n,
+                            generate_responses, marker_hits, pick_best, score, score_many, words)
+from rwkv7.generate import SamplingParams
 from rwkv7.model import build_model
 from rwkv7.report import (ReportError, ReportInputs, metrics, plot_training_curves, plot_val_loss, read_curves,
                           render_markdown, val_loss_rows)
+from rwkv7.tokenizer import WorldTokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VOCAB = 1000
@@ -175,3 +177,37 @@ def test_markdown_report_has_numbers_generations_and_usage():
     assert "![Validation loss](val_loss.png)" in text
     assert "state[3 * i + 1]" in text and "RWKV-Runner" in text and "best-state.pth" in text
     assert "| marker `NEGA` | 0/1 | 1/1 |" in text
+
+
+def test_score_many_kl_to_reference_matches_a_direct_computation(small_model):
+    samples = _samples([6, 11], seed=2)
+    prompted = consume(small_model, [5, 6, 7])
+    got = score_many(small_model, samples, {"zero": None, "prompt": prompted}, batch_size=2, reference="prompt")
+    assert got["prompt"].kl == 0.0
+    expected, n = 0.0, 0
+    for s in samples:
+        tokens = torch.tensor([s.ids])
+        log_p = F.log_softmax(small_model(tokens)[0][0, :-1], -1)
+        log_ref = F.log_softmax(small_model(tokens, prompted)[0][0, :-1], -1)
+        keep = torch.tensor(s.mask[1:])
+        expected += (log_ref.exp() * (log_ref - log_p)).sum(-1)[keep].sum().item()
+        n += int(keep.sum())
+    assert got["zero"].kl == pytest.approx(expected / n, rel=1e-4)
+    assert got["zero"].loss == pytest.approx(score(small_model, samples).loss, rel=1e-6)
+    assert math.isnan(score(small_model, samples).kl)
+    with pytest.raises(ValueError, match="reference 'nope'"):
+        score_many(small_model, samples, {"zero": None}, reference="nope")
+
+
+def test_generate_responses_is_seeded_per_prompt():
+    sd = random_checkpoint(n_layer=1, n_embd=64, seed=4)
+    model = build_model(sd, inspect_checkpoint(sd))
+    tok = WorldTokenizer()
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=5, seed=11)
+    first = generate_responses(model, tok, ["Who are you?", "Hi"], None, sampling)
+    again = generate_responses(model, tok, ["Who are you?", "Hi"], None, sampling)
+    assert [g.text for g in first] == [g.text for g in again]
+    assert [g.prompt for g in first] == ["Who are you?", "Hi"]
+    assert all(1 <= g.n_tokens <= 5 and g.seconds > 0 for g in first)
+    other = generate_responses(model, tok, ["Who are you?"], None, sampling.model_copy(update={"seed": 12}))
+    assert other[0].text != first[0].text

@@ -4,6 +4,8 @@ real API) against the zero-state and system-prompt baselines, every output file,
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import matplotlib.image
@@ -16,7 +18,8 @@ from rwkv7.state import load_state, read_state_file
 from rwkv7.template import render
 from rwkv7.train import TrainParams, train_state
 from tasks.common import ParamsError, load_section
-from tasks.evaluate import DEFAULT_SYSTEM_PROMPT, EvaluateParams, main
+from rwkv7.evaluate import DEFAULT_SYSTEM_PROMPT, EvaluateParams, Generation, JudgeParams
+from tasks.evaluate import main, make_judge, parse_score
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DIALOGUES = [
@@ -82,7 +85,7 @@ def test_distilled_state_is_closer_to_the_prompt_than_the_zero_state(evaluated):
         assert f"{value:.4f}" in report, name
     assert f"{kl['final']:.4f}" in report
     assert "![Validation loss per epoch vs baselines](val_loss.png)" in report
-    assert "Who are you?" in report and "state[3 * i + 1]" in report
+    assert "Who are you?" in report and "state[3 * i + 1]" in report and "LLM judge: off" in report
 
 
 def test_outputs_plots_generations_and_stats(evaluated):
@@ -160,3 +163,53 @@ def test_real_params_file_section_loads():
         pytest.skip("no params.yaml in the repository yet")
     p = load_section(EvaluateParams, "evaluate", real)
     assert p.system_prompt and p.batch_size >= 1
+
+
+@pytest.fixture()
+def fake_judge_server():
+    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1: scores 8 if the reply says NEGA, else 3; a
+    reply containing "garbage" gets a non-JSON answer. Records the prompts it saw."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            seen.append(prompt)
+            reply = prompt.split("Assistant's reply:")[1]
+            content = "no idea" if "garbage" in reply else json.dumps({"score": 8 if "NEGA" in reply else 3,
+                                                                        "reason": "fake"})
+            data = json.dumps({"choices": [{"message": {"content": content}, "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_llm_judge_through_the_augment_provider(fake_judge_server):
+    base_url, seen = fake_judge_server
+    judge = make_judge(JudgeParams(provider="openai", base_url=base_url, model="fake"), "You are NEGA.", {})
+    gens = {"base": [Generation("Who are you?", "I am a model.", 4), Generation("Hi", "garbage", 1)],
+            "state": [Generation("Who are you?", "I am NEGA.", 4), Generation("Hi", "NEGA says hi", 3)]}
+    scores, note = judge(gens)
+    assert scores == {"base": 3.0, "state": 8.0}
+    assert "1 of 4 replies got no usable rating" in note
+    assert len(seen) == 4 and "You are NEGA." in seen[0] and "Learner's message: Who are you?" in seen[0]
+
+
+def test_llm_judge_off_or_unavailable():
+    assert make_judge(JudgeParams(), "p", {}) is None
+    judge = make_judge(JudgeParams(provider="openai"), "p", {})  # no base_url
+    scores, note = judge({"base": [Generation("q", "a", 1)]})
+    assert scores == {} and "unavailable" in note and "base_url" in note
+    assert parse_score('{"score": 4}') == 4 and parse_score('{"score": "4"}') is None and parse_score("x") is None
