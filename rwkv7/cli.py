@@ -152,3 +152,31 @@ def train(model: Path = MODEL_OPTION,
         raise _fail(str(e)) from None
     typer.secho(f"state: {out / 'state.pth'}  loss {metrics['first_loss']:.4f} → {metrics['final_loss']:.4f}  "
                 f"{metrics['steps']} steps, {metrics['tokens_per_s']:.0f} real tokens/s", err=True)
+
+
+@app.command("eval")
+def evaluate(model: Path = MODEL_OPTION,
+             val: Path = typer.Option(..., "--val", help="validation jsonl (dialogue records or {\"text\"} lines)"),
+             runs: Path = typer.Option(..., "--runs", help="training run folder (state-epoch<N>.pth, state.pth)"),
+             out: Path = typer.Option(..., "--out", "-o", help="report folder (report.md, metrics, best state)"),
+             system_prompt: str | None = typer.Option(None, help="system prompt of the prompt baseline"),
+             prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="evaluation prompt (repeatable)"),
+             temperature: float = TEMPERATURE_OPTION, top_p: float = TOP_P_OPTION,
+             max_tokens: int = typer.Option(120, min=1, help="tokens per sample generation"),
+             seed: int = typer.Option(0, help="sampling seed (prompt i uses seed + i)"),
+             batch_size: int | None = typer.Option(None, help="sequences per loss batch (default 8)"),
+             device: str | None = typer.Option(None, help="auto, cpu or cuda (default auto)")) -> None:
+    """Score every state of a training run against the base model (zero state) and the system prompt it
+    replaces; export the best one and write a Markdown report with charts and sample generations."""
+    from rwkv7.data import DatasetError
+    from rwkv7.evaluate import EvaluateParams, EvaluationError, run_evaluation
+
+    given = {"system_prompt": system_prompt, "prompts": prompt, "batch_size": batch_size, "device": device,
+             "sampling": SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)}
+    try:
+        settings = EvaluateParams.model_validate({k: v for k, v in given.items() if v is not None})
+        summary = run_evaluation(model, val, runs, out, settings)
+    except (ValueError, EvaluationError, DatasetError, CheckpointError, StateFileError) as e:
+        raise _fail(str(e)) from None
+    typer.secho(f"best: {summary['best']} (val loss {summary['best_val_loss']:.4f}); report: {out / 'report.md'}, "
+                f"state: {out / 'best-state.pth'}", err=True)

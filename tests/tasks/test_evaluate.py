@@ -213,3 +213,22 @@ def test_llm_judge_off_or_unavailable():
     scores, note = judge({"base": [Generation("q", "a", 1)]})
     assert scores == {} and "unavailable" in note and "base_url" in note
     assert parse_score('{"score": 4}') == 4 and parse_score('{"score": "4"}') is None and parse_score("x") is None
+
+
+def test_statetune_eval_command(evaluated, tmp_path):
+    from typer.testing import CliRunner
+
+    from rwkv7.cli import app
+
+    root = evaluated["root"]
+    args = ["eval", "--model", str(evaluated["model"]), "--val", str(root / "val.jsonl"), "--runs",
+            str(root / "runs" / "train"), "--out", str(tmp_path / "cli"), "-p", "Who are you?", "--max-tokens", "3",
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "best: " in result.output and "best-state.pth" in result.output
+    assert (tmp_path / "cli" / "report.md").is_file() and (tmp_path / "cli" / "best-state.json").is_file()
+    gens = (tmp_path / "cli" / "generations.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(gens) == 3  # one prompt × base, prompt, state
+    bad = CliRunner().invoke(app, [*args[:5], "--runs", str(tmp_path / "none"), *args[7:]])
+    assert bad.exit_code == 2 and "training run folder not found" in bad.output
