@@ -24,6 +24,14 @@ N_SAMPLES, MICRO_BSZ = 12, 4  # 3 batches per epoch
 FAST = {"ctx_len": 40, "micro_bsz": MICRO_BSZ, "lr_init": 0.5, "lr_final": 0.05, "warmup_steps": 2,
         "ckpt_every_n_steps": 1, "progress_bar": False, "seed": 1}
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and avoids spinning against other work on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -96,22 +104,32 @@ class Interrupt(Callback):
             raise KeyboardInterrupt
 
 
+RESUME_PARAMS = TrainParams(**FAST, max_steps=7)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world_model: Path, dialogues: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("whole")
+    train_state(world_model, dialogues, out, RESUME_PARAMS)
+    return out
+
+
 @pytest.mark.parametrize("interrupt_at", [3, 4], ids=["at-epoch-end", "mid-epoch"])
 def test_a_resumed_run_reaches_the_same_state_as_an_uninterrupted_one(world_model: Path, dialogues: Path,
-                                                                      tmp_path: Path, interrupt_at: int) -> None:
-    params = TrainParams(**FAST, max_steps=7)
-    train_state(world_model, dialogues, tmp_path / "whole", params)
+                                                                      uninterrupted: Path, tmp_path: Path,
+                                                                      interrupt_at: int) -> None:
+    params = RESUME_PARAMS
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train_state(world_model, dialogues, tmp_path / "resumed", params, callbacks=[Interrupt(interrupt_at)])
     assert not (tmp_path / "resumed" / "state.pth").exists()
     metrics = train_state(world_model, dialogues, tmp_path / "resumed", params, resume=True)
     assert metrics["resumed"] and metrics["steps"] == 7
-    whole = torch.load(tmp_path / "whole" / "state.pth", weights_only=True)
+    whole = torch.load(uninterrupted / "state.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "state.pth", weights_only=True)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     cols = ("step", "epoch", "loss", "lr")
     assert ([[r[c] for c in cols] for r in csv_rows(tmp_path / "resumed" / "metrics.csv")]
-            == [[r[c] for c in cols] for r in csv_rows(tmp_path / "whole" / "metrics.csv")])
+            == [[r[c] for c in cols] for r in csv_rows(uninterrupted / "metrics.csv")])
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_or_none(world_model: Path, dialogues: Path,
