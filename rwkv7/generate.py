@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -26,6 +27,7 @@ from rwkv7.tokenizer import END_OF_TEXT, WorldTokenizer
 
 StopReason = Literal["stop_string", "end_of_text", "max_tokens"]
 TextCallback = Callable[[str], None]
+NUCLEUS_FIRST_K = 64  # nuclei up to this size are read off a topk; larger ones off a full sort
 
 
 class SamplingParams(BaseModel):
@@ -41,17 +43,37 @@ class SamplingParams(BaseModel):
     seed: int | None = None
 
 
+def nucleus_mask(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Bool mask `[V]` of the nucleus: the most likely tokens whose probabilities first reach `top_p`.
+
+    Read off the NUCLEUS_FIRST_K largest (a partition, no full sort) when they reach `top_p`, else off a full
+    sort. Ties at the threshold are all kept.
+    """
+    k = min(NUCLEUS_FIRST_K, probs.size)
+    top = np.sort(np.partition(probs, probs.size - k)[probs.size - k:])[::-1]
+    if top.sum() < top_p:
+        top = np.sort(probs)[::-1]
+    before = np.cumsum(top, dtype=np.float64) - top
+    return probs >= top[int((before < top_p).sum()) - 1]
+
+
 def sample_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> int:
-    """One token id from `logits [V]`: nucleus (top-p) sampling at `temperature`; greedy when it is 0."""
-    logits = logits.detach().float().cpu()
+    """One token id from `logits [V]`: nucleus (top-p) sampling at `temperature`; greedy when it is 0.
+
+    The arithmetic runs in single-threaded numpy (float64): on a busy CPU, multi-threaded torch kernels over
+    65536 entries (sort, multinomial, masked indexing) were measured 10-100x slower than the model step.
+    The draw is an inverse CDF with a uniform from `generator`, so a seed reproduces the sequence.
+    """
+    scores = logits.detach().float().cpu().numpy().astype(np.float64)
     if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = torch.sort(probs, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the top token is always kept
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
+        return int(scores.argmax())
+    probs = np.exp((scores - scores.max()) / temperature)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        probs *= nucleus_mask(probs, top_p)
+    cdf = np.cumsum(probs)
+    u = float(torch.rand(1, generator=generator)) * cdf[-1]
+    return min(int(np.searchsorted(cdf, u, side="right")), probs.size - 1)
 
 
 @dataclass

@@ -6,7 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rwkv7.generate import ChatSession, Completion, SamplingParams, _StopFilter, complete, sample_token
+from rwkv7.generate import (ChatSession, Completion, SamplingParams, _StopFilter, complete, nucleus_mask,
+                            sample_token)
 from rwkv7.model import load_model
 from rwkv7.state import RWKVState
 from rwkv7.template import render_text
@@ -31,6 +32,17 @@ def test_sample_token_greedy_nucleus_and_seed():
     assert set(draws) == {1, 2}  # the nucleus at 0.9 holds tokens 1 and 2 only
     again = [sample_token(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(40)]
     assert draws == again
+
+
+@pytest.mark.parametrize("sharpness", [0.5, 3.0, 20.0])
+@pytest.mark.parametrize("top_p", [0.1, 0.3, 0.9, 0.99])
+def test_nucleus_mask_equals_the_sorted_definition(sharpness, top_p):
+    probs = torch.softmax(torch.randn(5000, generator=torch.Generator().manual_seed(7)) * sharpness, dim=-1)
+    ordered, order = torch.sort(probs, descending=True)
+    keep = (ordered.double().cumsum(-1) - ordered.double()) < top_p
+    expected = torch.zeros_like(probs, dtype=torch.bool)
+    expected[order[keep]] = True
+    assert torch.equal(torch.from_numpy(nucleus_mask(probs.double().numpy(), top_p)), expected)
 
 
 def test_sampling_params_validate_with_the_key_name():
