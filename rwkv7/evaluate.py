@@ -399,6 +399,10 @@ def run_evaluation(model_path: Path, val_path: Path, runs_dir: Path, out_dir: Pa
     tok = WorldTokenizer()
     samples, data_stats = load_samples(val_path, tok.encode, ctx_len, loss_on)
     model = load_model(model_path, device=_device(p.device))
+    top_id = max(max(s.ids) for s in samples)
+    if top_id >= model.config.vocab_size:
+        raise EvaluationError(f"{val_path}: token id {top_id} is outside the vocabulary of {model_path} "
+                              f"({model.config.vocab_size} tokens)")
     prompt_ids = tok.encode(render([{"role": "system", "content": p.system_prompt}])[0].text)
     results = score_variants(model, samples, states, prompt_ids, p.batch_size)
     best = pick_best(results)

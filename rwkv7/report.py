@@ -299,9 +299,10 @@ def how_to_use(best_state_file: str, model_file: str) -> list[str]:
         "`[H, 64, 64]` tensor per layer); its sidecar `.json` names the base model it belongs to. A state only "
         f"works with the base model it was trained on (`{model_file}`).",
         "",
-        "- **RWKV-Runner**: copy the `.pth` into Runner's state folder (`models/state`), open the model "
-        "configuration that uses the same base model, pick the file under *State*, and chat without a system "
-        "prompt.",
+        "- **RWKV-Runner**: copy the `.pth` into Runner's `state-models/` folder (Runner also lists `.pth` files "
+        "under 200 MB in `models/`). On the *Configs* page choose a config whose *Model* is the same base model and "
+        "a strategy of CPU, CUDA or Custom (Runner offers states there, not for WebGPU or .gguf models), pick the "
+        "file under *State Model*, start the model and chat without a system prompt.",
         "- **`rwkv` pip package** (`state[3*i+1]` is layer i's WKV state; the two shift states stay zero):",
         "",
         "```python",
@@ -315,6 +316,8 @@ def how_to_use(best_state_file: str, model_file: str) -> list[str]:
         "    state[3 * i + 1] = tuned[f\"blocks.{i}.att.time_state\"].float().to(state[3 * i + 1].device).clone()",
         "logits, state = model.forward(token_ids, state)  # token_ids of \"User: ...\\n\\nAssistant:\"",
         "```",
+        "- **statetune**: `statetune chat --model <base model .pth> --state <report folder>/"
+        f"{best_state_file}`.",
     ]
 
 
