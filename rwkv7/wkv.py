@@ -95,17 +95,17 @@ def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor
     """
     dtype = r.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    r, k, v, a, b = (x.to(compute) for x in (r, k, v, a, b))
-    decay = log_decay.to(compute).exp()
+    # Per-step views come from one unbind each: indexing [:, t] inside the loop would make autograd build a
+    # full-size zero gradient per step (quadratic in T).
+    cols = [x.to(compute).unsqueeze(-1).unbind(1) for x in (r, a, v)]  # [B, H, N, 1] per step
+    rows = [x.unsqueeze(-2).unbind(1) for x in (log_decay.to(compute).exp(), b.to(compute), k.to(compute))]
     state = initial_state.to(compute)
     outs = []
-    for t in range(r.shape[1]):
+    for r_t, a_t, v_t, decay_t, b_t, k_t in zip(*cols, *rows, strict=True):
         # S·diag(d) scales key columns; S aᵀ b is a rank-1 update built from the [value] vector S aᵀ.
-        state = (state * decay[:, t, :, None, :]
-                 + (state @ a[:, t, :, :, None]) * b[:, t, :, None, :]
-                 + v[:, t, :, :, None] * k[:, t, :, None, :])
-        outs.append((state @ r[:, t, :, :, None]).squeeze(-1))
-    out = torch.stack(outs, dim=1) if outs else torch.zeros_like(v)
+        state = state * decay_t + (state @ a_t) * b_t + v_t * k_t
+        outs.append(state @ r_t)
+    out = torch.cat(outs, dim=-1).permute(0, 3, 1, 2) if outs else torch.zeros_like(v)
     return out.to(dtype), state
 
 
