@@ -5,9 +5,10 @@ before the model is loaded, so an empty or unusable data set fails in a second.
 
 Writes (every file atomically): `state.pth` + `state.json` (RWKV-Runner state + sidecar with training params,
 data sha256 and metrics), `state-epoch{N}.pth` + `.json` after each epoch (1-based), `metrics.json`,
-`metrics.csv` (one row per optimizer step: step, epoch, loss, lr, tokens, seconds, tokens_per_s; tokens are
-real, non-padding input tokens), `loss.png`, and `checkpoints/last.ckpt` (resume with `resume=True`; a resumed
-run reaches the same state as an uninterrupted one). A NaN/inf loss stops the run with `TrainingError` after
+`metrics.csv` (one row per optimizer step: step, epoch, loss, lr, tokens, padded, seconds, tokens_per_s;
+tokens are real input tokens, padded the padding slots next to them), `loss.png`, and
+`checkpoints/last.ckpt` (resume with `resume=True`; a resumed run reaches the same state as an uninterrupted
+one). A NaN/inf loss stops the run with `TrainingError` after
 writing `state-last-good.pth`.
 """
 
@@ -41,9 +42,9 @@ from rwkv7.tuning import CKPT_KEY, NonFiniteLossError, OptimSettings, StateTuner
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
-CSV_FIELDS = ("step", "epoch", "loss", "lr", "tokens", "seconds", "tokens_per_s")
+CSV_FIELDS = ("step", "epoch", "loss", "lr", "tokens", "padded", "seconds", "tokens_per_s")
 # Params that may change between an interrupted run and its resumption without changing the result.
-RESUME_FREE_KEYS = frozenset({"ckpt_every_n_steps", "progress_bar", "tensorboard"})
+RESUME_FREE_KEYS = frozenset({"ckpt_every_n_steps", "cpu_threads", "progress_bar", "tensorboard"})
 
 
 class TrainingError(RuntimeError):
@@ -81,6 +82,7 @@ class TrainParams(BaseModel):
     loss_chunk: int = Field(1024, ge=1, description="scored positions per head matmul")
     ckpt_every_n_steps: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
     precision: Literal["bf16", "int8", "nf4"] = Field(
         "bf16", description="frozen Linear weights: bf16 (float32 on CPU), or int8 / nf4 via bitsandbytes (CUDA only)")
     devices: int = Field(1, ge=1, description="GPUs (processes on CPU) to train on; >1 runs Lightning DDP with a "
@@ -180,6 +182,9 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
     trainer = _trainer(params, device, out_dir, total_steps, steps_per_epoch,
                        [EpochStates(out_dir, model, meta), ResumeGuard({**params.model_dump(), "data_sha256": data_sha}),
                         ShardBatches(sampler), *callbacks])
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and params.cpu_threads:
+        torch.set_num_threads(params.cpu_threads)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
@@ -193,6 +198,8 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
         if trainer.is_global_zero:
             save_state(kept, e.last_good, {**meta, "stopped": str(e)}, model=model)
         raise TrainingError(f"{e} Last finite state written to {kept}.") from e
+    finally:
+        torch.set_num_threads(threads_before)
     trainer.save_checkpoint(last_ckpt, weights_only=False)  # False: keep optimizer and loop state
     metrics = _metrics(module.history, data_stats.as_dict(), total_steps, device, resume)
     if trainer.is_global_zero:  # under DDP every rank holds the same state; rank 0 writes the files
@@ -295,10 +302,17 @@ def _metrics(history: list[dict[str, Any]], data: dict[str, Any], total_steps: i
             "steps": len(history), "planned_steps": total_steps,
             "epochs": history[-1]["epoch"] if history else 0,
             "real_tokens": sum(r["tokens"] for r in history),
+            "padding_fraction": _padding_fraction(history),
             "tokens_per_s": tokens / seconds if seconds else None,
             "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in timed) if timed else None,
             "train_seconds": sum(r["seconds"] for r in history),
             "device": device.type, "resumed": resumed, "data": data}
+
+
+def _padding_fraction(history: list[dict[str, Any]]) -> float | None:
+    """Share of batch slots that were padding (0 for packed GPU batches)."""
+    slots = sum(r["tokens"] + r["padded"] for r in history)
+    return sum(r["padded"] for r in history) / slots if slots else None
 
 
 def _csv(history: list[dict[str, Any]]) -> str:

@@ -107,7 +107,7 @@ class StateTuner(L.LightningModule):
         self.register_buffer("last_good", self.state_wkv.detach().clone(), persistent=False)
         self._teacher: RWKVState | None = None
         self._batches_in_epoch = 0
-        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0}
+        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "slots": 0}
         self._step_t0 = 0.0
 
     def train(self, mode: bool = True) -> StateTuner:
@@ -161,6 +161,7 @@ class StateTuner(L.LightningModule):
         self._pending["loss_sum"] += float(loss_sum.detach())
         self._pending["targets"] += n
         self._pending["tokens"] += batch.n_real
+        self._pending["slots"] += batch.tokens.numel()
         self.log("loss", loss.detach(), prog_bar=True, batch_size=batch.n_sequences)
         return loss
 
@@ -175,8 +176,9 @@ class StateTuner(L.LightningModule):
         p = self._pending
         self.history.append({"step": self.global_step + 1, "epoch": self.current_epoch + 1,
                              "loss": p["loss_sum"] / max(p["targets"], 1), "lr": optimizer.param_groups[0]["lr"],
-                             "tokens": p["tokens"], "seconds": seconds, "tokens_per_s": p["tokens"] / seconds})
-        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0}
+                             "tokens": p["tokens"], "padded": p["slots"] - p["tokens"], "seconds": seconds,
+                             "tokens_per_s": p["tokens"] / seconds})
+        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "slots": 0}
         self._step_t0 = now
 
     def on_train_epoch_start(self) -> None:
