@@ -68,3 +68,15 @@ def test_segment_text_with_preamble_keeps_it_as_prompt() -> None:
     segs = segment_text("Intro line\n\nUser: hi\n\nAssistant: yo\n\n")
     assert segs[0] == Segment("Intro line\n\n", "text", False)
     assert [s.text for s in segs if s.trainable] == [" yo\n\n"]
+
+
+def test_segment_wise_tokens_equal_whole_text_tokens_for_typical_dialogues() -> None:
+    """Training encodes segment by segment (as chat feeds prompt, then reply); for G1 text the boundaries
+    (after `:` and after `\\n\\n`) are token boundaries anyway, so the ids equal those of the whole text."""
+    from rwkv7.tokenizer import WorldTokenizer
+
+    tok = WorldTokenizer()
+    for messages in (DIALOGUE, [{"role": "user", "content": "I has a apple."},
+                                {"role": "assistant", "content": "Say \"I have an apple.\" 🙂 Keep going!"}]):
+        pieces = [i for seg in render(messages) for i in tok.encode(seg.text)]
+        assert pieces == tok.encode(render_text(messages))
