@@ -217,10 +217,17 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Lightning calls `set_epoch` before each epoch. `skip(n)` makes the next iteration start at batch n of the
     epoch (resuming mid-epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+    Distributed (`num_replicas` > 1 processes): global batches of micro_bsz × num_replicas samples are cut as
+    for one process, and process `rank` takes every num_replicas-th sample of each (similar lengths on every
+    rank); a last global batch with fewer samples than processes is dropped so all ranks step together.
     """
 
-    def __init__(self, lengths: Sequence[int], micro_bsz: int, seed: int, window_batches: int) -> None:
+    def __init__(self, lengths: Sequence[int], micro_bsz: int, seed: int, window_batches: int,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} must be in [0, num_replicas={num_replicas})")
         self.lengths, self.micro_bsz, self.seed, self.window_batches = list(lengths), micro_bsz, seed, window_batches
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._skip = 0
 
@@ -231,11 +238,18 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._skip = n_batches
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.micro_bsz)
+        return len(self._batches())
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self._skip = self._skip, 0
-        yield from bucket_batches(self.lengths, self.micro_bsz, self.seed, self.epoch, self.window_batches)[skip:]
+        yield from self._batches()[skip:]
+
+    def _batches(self) -> list[list[int]]:
+        batches = bucket_batches(self.lengths, self.micro_bsz * self.num_replicas, self.seed, self.epoch,
+                                 self.window_batches)
+        if self.num_replicas == 1:
+            return batches
+        return [b[self.rank::self.num_replicas] for b in batches if len(b) >= self.num_replicas]
 
 
 @dataclass

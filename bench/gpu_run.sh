@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The one command a device call runs: GPU set-up from .whl, the WKV check, state-tuning benchmarks, results
+# under $OUT. Usage (repo root, on the lent machine; carry .whl and, when you have it, .triton):
+#
+#   bash bench/gpu_run.sh PLAN [SECONDS]
+#
+# PLAN: first  cold start; WKV check on GPU 1 while GPU 0 measures the 1.5B variants (grad_cp on/off, fla chunk
+#              64/16, workload c, profile), then GPU 1 the 1.5B memory rows (b: bf16/int8/nf4), then 1.5B (a) under
+#              DDP on both GPUs
+#       final  all models: (a) bf16, (b) bf16/int8/nf4, (c) bf16 split over the GPUs, then 1.5B (a) DDP
+#       ddp    only the DDP row and its single-GPU twin
+# SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
+# Writes to $OUT: run.log, gpu_check_wkv.log, train_speed.json, logs.tgz (per-row logs and profiles),
+# triton-cache.tgz (Triton + Inductor caches; unpack here with `tar -xzf …/triton-cache.tgz -C .` and carry
+# .triton next time) or, when that is too large to come back, triton-autotune.tgz (autotune choices only).
+set -uo pipefail
+PLAN="${1:-first}"
+BUDGET="${2:-570}"
+T0=$(date +%s)
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-/tmp/statetune-out}"
+mkdir -p "$OUT"
+LOGS=/tmp/statetune-logs
+mkdir -p "$LOGS"
+exec > >(tee -a "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1
+# NVLink multicast stays off on the shared multi-GPU hosts (KINDS.md).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+MAX_BACK=$((15 * 1024 * 1024))  # $OUT files come back only up to 16 MiB each
+
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+stamp() { echo "=== [$(($(date +%s) - T0)) s] $*"; }
+
+pack_results() {
+  stamp "packing results"
+  tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+  if [ -d .triton ]; then
+    tar -czf "$OUT/triton-cache.tgz" .triton
+    if [ "$(stat -c %s "$OUT/triton-cache.tgz")" -gt "$MAX_BACK" ]; then
+      echo "full Triton cache is $(du -h "$OUT/triton-cache.tgz" | cut -f1): keeping only autotune choices"
+      rm -f "$OUT/triton-cache.tgz"
+      find .triton -name '*.autotune.json' -print0 | tar -czf "$OUT/triton-autotune.tgz" --null -T -
+    fi
+  fi
+  ls -la "$OUT"
+}
+trap pack_results EXIT
+
+stamp "set-up ($PLAN, budget ${BUDGET} s)"
+nvidia-smi --query-gpu=index,name,memory.total,memory.used,clocks.sm,driver_version --format=csv
+# shellcheck source=bench/gpu-env.sh
+source bench/gpu-env.sh || { echo "gpu-env failed"; exit 1; }
+export TORCHINDUCTOR_CACHE_DIR="$REPO/.triton/inductor"
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+stamp "GPUs: $NGPU; .triton holds $(find .triton -type f | wc -l) files"
+SPEED=(python3 bench/train_speed.py --json "$OUT/train_speed.json" --log-dir "$LOGS/rows" --profile-dir "$LOGS/profiles")
+
+# run_on GPU SECONDS ARGS...: train_speed rows on one GPU, cut at SECONDS
+run_on() {
+  local gpu=$1 secs=$2
+  shift 2
+  [ "$secs" -gt 30 ] || { echo "skipped (no time left): $*"; return 0; }
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" "${SPEED[@]}" --timeout "$secs" "$@"
+}
+
+wkv_check() {
+  local gpu=$1 secs=$2
+  stamp "WKV check on GPU $gpu"
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 bench/gpu_check_wkv.py --bench --log "$OUT/gpu_check_wkv.log" \
+    > "$LOGS/gpu_check_wkv.stdout" 2>&1
+  echo "gpu_check_wkv rc=$?"
+}
+
+ddp_row() {
+  local secs
+  secs=$(left)
+  stamp "DDP: 1.5B (a) bf16 on $NGPU GPUs"
+  [ "$NGPU" -ge 2 ] && [ "$secs" -gt 60 ] || { echo "DDP skipped (GPUs $NGPU, $secs s left)"; return 0; }
+  timeout $((secs - 15)) "${SPEED[@]}" --timeout $((secs - 15)) --models 1.5b --workloads a --devices 2 "$@"
+}
+
+case "$PLAN" in
+  first)
+    if [ "$NGPU" -ge 2 ]; then
+      ( wkv_check 1 240
+        stamp "GPU 1: memory rows"
+        run_on 1 $(($(left) - 110)) --models 1.5b --workloads b --precisions bf16,int8,nf4 ) &
+      side=$!
+    fi
+    stamp "GPU 0: 1.5B variants"
+    run_on 0 $(($(left) - 110)) --models 1.5b --workloads a --grad-cp on,off
+    run_on 0 $(($(left) - 110)) --models 1.5b --workloads c
+    run_on 0 $(($(left) - 110)) --models 1.5b --workloads a --fla-chunk 16
+    if [ "$NGPU" -lt 2 ]; then
+      wkv_check 0 $(($(left) - 60))
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --precisions bf16,int8,nf4
+    else
+      wait "$side"
+      ddp_row
+    fi
+    ;;
+  final)
+    ( run_on 1 $(($(left) - 100)) --models 0.1b,0.4b --workloads a,b,c
+      run_on 1 $(($(left) - 100)) --models 0.1b,0.4b,2.9b --workloads b --precisions int8,nf4 ) &
+    side=$!
+    run_on 0 $(($(left) - 100)) --models 1.5b --workloads a,c
+    run_on 0 $(($(left) - 100)) --models 1.5b --workloads b --precisions bf16,int8,nf4
+    run_on 0 $(($(left) - 100)) --models 2.9b --workloads a,b,c
+    wait "$side"
+    ddp_row
+    ;;
+  ddp)
+    run_on 0 $(($(left) - 150)) --models 1.5b --workloads a
+    ddp_row
+    ;;
+  *) echo "unknown plan $PLAN (first | final | ddp)"; exit 2 ;;
+esac
+
+stamp "summary"
+python3 - "$OUT/train_speed.json" <<'EOF'
+import json, sys
+sys.path.insert(0, "bench")
+from train_speed import table
+rows = json.load(open(sys.argv[1])) if __import__("os").path.exists(sys.argv[1]) else []
+print(table(rows))
+EOF
+tail -n 45 "$OUT/gpu_check_wkv.log" 2>/dev/null

@@ -1,0 +1,488 @@
+"""State-tuning speed and memory of our real trainer on random-init RWKV-7 models with the released shapes.
+
+Run on the GPU machine from the repo root (after `source bench/gpu-env.sh`; `bench/gpu_run.sh` does it all):
+
+    python bench/train_speed.py --models 1.5b --workloads a,b,c --precisions bf16,int8,nf4 \
+        --json bench/results/h200.json --log-dir $OUT/train_speed
+
+Each row (model × workload × precision × variant) runs in a fresh process, so peak memory and time to first
+step are those a user sees. A row builds the model on the GPU from `random_checkpoint` (no files), moves the
+weights to host memory and loads them the way `train_state` does (bf16 straight onto the GPU; int8/nf4
+quantized onto it one weight at a time), then trains through the same pieces as `train_state`: `StateTuner`,
+`BucketBatchSampler` + `pack_collate` (varlen, no padding) and the Lightning trainer built by
+`rwkv7.train._trainer` (bf16-mixed, grad clip 1, AdamW, cosine lr).
+
+Workloads (synthetic token streams; the model is random, so only speed, memory and the precisions' relative
+losses mean anything):
+  a  ctx_len 512,  micro_bsz 8, every sample longer than ctx_len (RWKV-PEFT's tutorial), loss on all tokens
+  b  ctx_len 1024, micro_bsz 1, every sample longer than ctx_len (RWKV-PEFT's memory table), loss on all tokens
+  c  short dialogues of 50-300 tokens, loss on the reply half, micro_bsz 24 (about as many tokens per step as a)
+
+Measured per row: real (non-padding) tokens/s as the median over the steps after `--warmup` (wall clock
+between optimizer steps; the trainer syncs once per step), peak memory as `torch.cuda.max_memory_allocated`
+and as the whole process's use read by NVML every 10 ms (CUDA context included), both from the moment the
+weights start loading; time to first step from the process start (imports, model load, Triton/compile caches,
+first forward/backward/optimizer step); and the loss of the last step (`final_loss`) and the mean of the last
+five (`loss_last5`). Prints one table last and appends rows to `--json`.
+Variants: `--grad-cp on,off`, `--compile` (torch.compile of each block's two halves), `--fla-chunk 64,16`.
+`--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
+On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+T_START = time.time()
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GB = 1e9
+# name: (n_layer, n_embd, low-rank dims) per ../shared/docs/rwkv7-facts.md §1; "tiny" is for CPU smoke tests.
+MODELS: dict[str, tuple[int, int, dict[str, int]]] = {
+    "tiny": (2, 128, {"w": 32, "a": 32, "v": 32, "g": 32}),
+    "0.1b": (12, 768, {"w": 64, "a": 64, "v": 32, "g": 128}),
+    "0.4b": (24, 1024, {"w": 64, "a": 64, "v": 32, "g": 128}),
+    "1.5b": (24, 2048, {"w": 96, "a": 96, "v": 64, "g": 256}),
+    "2.9b": (32, 2560, {"w": 96, "a": 96, "v": 64, "g": 320}),
+}
+VOCAB = 65536
+TINY_VOCAB = 1024
+SYNTH_ALPHABET = 2000  # synthetic texts draw Zipf-distributed tokens from this many ids
+REPLY_FRACTION = 0.5   # workload c: the loss covers the second half of each dialogue (the "reply")
+NVML_PERIOD_S = 0.01
+LOSS_TAIL = 5
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    ctx_len: int
+    micro_bsz: int
+    min_len: int | None  # None: every sample is longer than ctx_len (truncated to it)
+    max_len: int | None
+    loss_on_all: bool
+
+
+WORKLOADS = {
+    "a": Workload("a", 512, 8, None, None, True),
+    "b": Workload("b", 1024, 1, None, None, True),
+    "c": Workload("c", 512, 24, 50, 300, False),
+    # CPU smoke tests of this script (the reference WKV is a Python loop over time)
+    "ta": Workload("ta", 24, 4, None, None, True),
+    "tc": Workload("tc", 32, 6, 6, 24, False),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One row to measure."""
+
+    model: str
+    workload: str
+    precision: str
+    grad_cp: bool
+    compile: bool
+    fla_chunk: str
+    devices: int
+    steps: int
+    warmup: int
+    loss_chunk: int
+    device: str
+    lr: float
+    seed: int = 0
+
+
+def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
+    """`n` samples of workload `w`: Zipf-distributed ids from a fixed random alphabet (learnable by a state)."""
+    from rwkv7.data import Sample
+
+    rng = random.Random(seed)
+    alphabet = random.Random(1).sample(range(1, vocab), min(SYNTH_ALPHABET, vocab - 1))
+    weights = [1.0 / (i + 1) for i in range(len(alphabet))]
+    samples = []
+    for i in range(n):
+        length = w.ctx_len + 1 + rng.randrange(1, w.ctx_len) if w.min_len is None else \
+            rng.randint(w.min_len, w.max_len or w.min_len)
+        ids = rng.choices(alphabet, weights, k=length)
+        if w.min_len is None:
+            ids = ids[:w.ctx_len + 1]  # what load_samples does to an overlong sample (overlong="truncate")
+        if w.loss_on_all:
+            mask = [True] * len(ids)
+        else:
+            reply = int(len(ids) * REPLY_FRACTION)
+            mask = [False] * (len(ids) - reply) + [True] * reply
+        samples.append(Sample(ids, mask, f"synthetic-{w.name}-{i}"))
+    return samples
+
+
+class ProcessMemory:
+    """Peak GPU memory of this process, read through NVML every 10 ms on a background thread.
+
+    `peak` is this process's own use (NVML's per-process list: CUDA context, allocator cache, libraries); when
+    NVML lists no processes here, it falls back to the whole device's used memory, and `source` says which.
+    """
+
+    def __init__(self, local_index: int) -> None:
+        self.peak_process = 0
+        self.peak_device = 0
+        self._stop = threading.Event()
+        visible = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+        physical = int(visible[local_index]) if local_index < len(visible) and visible[local_index].isdigit() \
+            else local_index  # NVML numbers GPUs physically, ignoring CUDA_VISIBLE_DEVICES
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
+            self.error = ""
+        except Exception as e:  # noqa: BLE001 - report the reason instead of failing the row
+            self._nvml = None
+            self.error = f"{type(e).__name__}: {e}"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        nv = self._nvml
+        if nv is None:
+            return
+        try:
+            for proc in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory:
+                    self.peak_process = max(self.peak_process, int(proc.usedGpuMemory))
+        except nv.NVMLError:
+            pass
+        self.peak_device = max(self.peak_device, int(nv.nvmlDeviceGetMemoryInfo(self._handle).used))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(NVML_PERIOD_S)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def peak(self) -> int:
+        return self.peak_process or self.peak_device
+
+    @property
+    def source(self) -> str:
+        if self._nvml is None:
+            return f"unavailable ({self.error})"
+        return "nvml process" if self.peak_process else "nvml device used (whole GPU)"
+
+
+def build_weights(spec: Spec) -> tuple[dict[str, Any], Any]:
+    """Random checkpoint drawn on the compute device (bf16), handed back in host memory, and its config."""
+    import torch
+
+    from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
+
+    n_layer, n_embd, dims = MODELS[spec.model]
+    vocab = TINY_VOCAB if spec.model == "tiny" else VOCAB
+    dtype = torch.bfloat16 if spec.device == "cuda" else torch.float32
+    sd = random_checkpoint(n_layer, n_embd, vocab, seed=spec.seed, dims=dims, dtype=dtype,
+                           device="cuda" if spec.device == "cuda" else "cpu")
+    sd = {k: v.cpu() for k, v in sd.items()}
+    if spec.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return sd, inspect_checkpoint(sd)
+
+
+def load_like_train_state(sd: dict[str, Any], cfg: Any, spec: Spec, codec: Any = None) -> Any:
+    """The model as `train_state._load` makes it: bf16 onto the device, or quantized weight by weight."""
+    import torch
+
+    from rwkv7.model import build_model
+    from rwkv7.quant import quantize_model
+
+    device = torch.device(spec.device)
+    if spec.precision == "bf16":
+        return build_model(sd, cfg, device=device)
+    model = build_model(sd, cfg, device="cpu", dtype=torch.bfloat16 if spec.device == "cuda" else torch.float32)
+    quantize_model(model, spec.precision, device, codec=codec)
+    return model
+
+
+def compile_blocks(model: Any) -> None:
+    """torch.compile each block's time-mix and channel-mix (the WKV kernel stays outside the graphs)."""
+    import torch
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        block.att.forward = torch.compile(block.att.forward, dynamic=None)
+        block.ffn.forward = torch.compile(block.ffn.forward, dynamic=None)
+
+
+def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str, Any]:
+    """Measure one row in this process; returns the JSON row."""
+    os.environ["STATETUNE_FLA_CHUNK"] = spec.fla_chunk
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from rwkv7.data import BucketBatchSampler, pack_collate, pad_collate
+    from rwkv7.quant import reference_codec
+    from rwkv7.train import ShardBatches, TrainParams, _trainer
+    from rwkv7.tuning import OptimSettings, StateTuner
+
+    cuda = spec.device == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    L.seed_everything(spec.seed, verbose=False)
+    w = WORKLOADS[spec.workload]
+    sd, cfg = build_weights(spec)
+    memory = ProcessMemory(local_rank) if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        memory.start()
+    t_load = time.time()
+    codec = reference_codec(spec.precision) if not cuda and spec.precision != "bf16" else None
+    model = load_like_train_state(sd, cfg, spec, codec)
+    del sd
+    load_s = time.time() - t_load
+    if spec.compile:
+        compile_blocks(model)
+    n_batches = spec.steps * spec.devices
+    samples = synthetic_samples(w, w.micro_bsz * n_batches, seed=spec.seed + 1, vocab=cfg.vocab_size)
+    sampler = BucketBatchSampler([s.n_inputs for s in samples], w.micro_bsz, spec.seed, window_batches=16,
+                                 num_replicas=spec.devices)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
+                                         collate_fn=pack_collate if cuda else pad_collate)
+    params = TrainParams(ctx_len=w.ctx_len, micro_bsz=w.micro_bsz, max_steps=spec.steps, lr_init=spec.lr,
+                         lr_final=spec.lr / 100, grad_cp=spec.grad_cp, loss_chunk=spec.loss_chunk,
+                         loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
+                         progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices)
+    optim = OptimSettings(lr_init=params.lr_init, lr_final=params.lr_final, total_steps=spec.steps,
+                          warmup_steps=params.warmup_steps, beta1=params.beta1, beta2=params.beta2,
+                          adam_eps=params.adam_eps, loss_chunk=params.loss_chunk, grad_cp=params.grad_cp)
+    module = StateTuner(model, optim, sampler)
+    clock: dict[str, float] = {}
+
+    class FirstStep(Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if "first_step_s" not in clock:
+                if cuda:
+                    torch.cuda.synchronize()
+                clock["first_step_s"] = time.time() - t0
+
+    callbacks = [ShardBatches(sampler), FirstStep()]
+    if profile_dir is not None and cuda and local_rank == 0:
+        callbacks.append(ProfileOneStep(spec.warmup, profile_dir / f"profile-{row_name(spec)}.txt"))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(params, torch.device(spec.device), Path(tmp), spec.steps, len(sampler), callbacks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, train_dataloaders=loader)
+    if memory:
+        memory.stop()
+    history = module.history
+    timed = history[spec.warmup:] or history
+    per_rank = statistics.median(r["tokens_per_s"] for r in timed)
+    losses = [r["loss"] for r in history]
+    return {
+        "model": spec.model, "workload": spec.workload, "precision": spec.precision,
+        "grad_cp": spec.grad_cp, "compile": spec.compile, "fla_chunk": spec.fla_chunk, "devices": spec.devices,
+        "tokens_per_s": per_rank * spec.devices,
+        "tokens_per_s_mean": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed) * spec.devices,
+        "step_ms": statistics.median(r["seconds"] for r in timed) * 1e3,
+        "tokens_per_step": statistics.median(r["tokens"] for r in timed) * spec.devices,
+        "peak_alloc_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
+        "peak_process_gb": memory.peak / GB if memory else None,
+        "peak_device_used_gb": memory.peak_device / GB if memory else None,
+        "process_memory_source": memory.source if memory else None,
+        "first_step_s": clock.get("first_step_s"), "load_s": load_s,
+        "final_loss": losses[-1], "loss_last5": sum(losses[-LOSS_TAIL:]) / len(losses[-LOSS_TAIL:]),
+        "first_loss": losses[0], "steps": len(history), "warmup": spec.warmup,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}" if cuda else "cpu"),
+        "versions": _versions(), "rank": int(os.environ.get("RANK", local_rank)),
+    }
+
+
+def row_name(spec: Spec) -> str:
+    return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
+            f"k{spec.fla_chunk}-d{spec.devices}")
+
+
+def _profiler_callback_class() -> type:
+    from lightning.pytorch.callbacks import Callback
+
+    class _ProfileOneStep(Callback):
+        """torch.profiler over one whole training batch (forward, backward, optimizer); writes the top kernels."""
+
+        def __init__(self, batch_idx: int, dest: Path) -> None:
+            self.batch_idx, self.dest, self.prof = batch_idx, dest, None
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            import torch
+
+            if batch_idx == self.batch_idx:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            import torch
+
+            if batch_idx != self.batch_idx or self.prof is None:
+                return
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            text = []
+            for key in ("device_time_total", "cuda_time_total"):
+                try:
+                    text.append(events.table(sort_by=key, row_limit=40, max_name_column_width=90))
+                    break
+                except Exception:  # noqa: BLE001 - the sort key's name changed across torch versions
+                    continue
+            gemm = {e.key: e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
+                                                               "aten::matmul")}
+            grads = sum(1 for p in pl_module.model.parameters() if p.grad is not None)
+            text.append(f"GEMM op calls in one step: {gemm}; frozen parameters holding a .grad: {grads}")
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self.dest.write_text("\n".join(text) + "\n")
+            self.prof = None
+
+    return _ProfileOneStep
+
+
+def ProfileOneStep(batch_idx: int, dest: Path) -> Any:  # noqa: N802 - builds the Lightning callback lazily
+    return _profiler_callback_class()(batch_idx, dest)
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+    import torch
+
+    out = {"torch": torch.__version__, "lightning": lightning.__version__}
+    for name in ("triton", "fla", "bitsandbytes"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional on CPU
+            pass
+    return out
+
+
+def specs_from_args(args: argparse.Namespace) -> list[Spec]:
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    grad_cps = [x == "on" for x in split(args.grad_cp)]
+    return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
+                 args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr)
+            for m, w, p, g, c, f in itertools.product(split(args.models), split(args.workloads), split(args.precisions),
+                                                      grad_cps, [args.compile], split(args.fla_chunk))]
+
+
+def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: Path | None = None
+                 ) -> dict[str, Any]:
+    """Run one row in a child process; returns its row, or an error row."""
+    name = row_name(spec)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(spec)), "--t0", repr(time.time())]
+    if profile_dir is not None:
+        cmd += ["--profile-dir", str(profile_dir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out, err, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
+            (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""), "timeout"
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}\nrc={rc}\n")
+    rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+    rows = [r for r in rows if r.get("rank", 0) == 0]
+    if rc == 0 and rows:
+        return rows[-1]
+    tail = (err or out).strip().splitlines()[-3:]
+    return {**asdict(spec), "error": f"rc={rc}: {' | '.join(tail)}"}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"| {'model':5} | wl | {'prec':4} | cp | cmp | chunk | dev | {'tokens/s':>9} | {'step ms':>8} | "
+            f"{'alloc GB':>8} | {'proc GB':>7} | {'1st step s':>10} | {'final loss':>10} | {'last5':>7} |")
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
+                         f"{int(r['compile'])}   | {r['fla_chunk']:5} | {r['devices']:3} | ERROR {r['error'][:150]}")
+            continue
+
+        def num(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+
+        lines.append(f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
+                     f"{int(r['compile'])}   | {r['fla_chunk']:5} | {r['devices']:3} | {num('tokens_per_s', '9.0f')} | "
+                     f"{num('step_ms', '8.1f')} | {num('peak_alloc_gb', '8.2f')} | {num('peak_process_gb', '7.2f')} | "
+                     f"{num('first_step_s', '10.1f')} | {num('final_loss', '10.4f')} | {num('loss_last5', '7.4f')} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="1.5b", help=f"comma list of {sorted(MODELS)}")
+    parser.add_argument("--workloads", default="a,b,c", help="comma list of a, b, c")
+    parser.add_argument("--precisions", default="bf16", help="comma list of bf16, int8, nf4")
+    parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block's halves")
+    parser.add_argument("--fla-chunk", default="64", help="comma list of 64 (with the decay bound), 16 (fla default)")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs per row (>1: Lightning DDP)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="scored positions per head matmul")
+    parser.add_argument("--loss-chunk-b", type=int, default=256, help="loss chunk for workload b (memory rows)")
+    parser.add_argument("--lr", type=float, default=1.0, help="peak learning rate (cosine to lr/100)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--json", type=Path, help="append the rows to this JSON list file")
+    parser.add_argument("--log-dir", type=Path, help="one log file per row")
+    parser.add_argument("--timeout", type=float, default=400, help="seconds per row")
+    parser.add_argument("--in-process", action="store_true", help="run rows in this process (debugging)")
+    parser.add_argument("--profile-dir", type=Path, help="profile one step after warm-up; top kernels per row here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--t0", type=float, default=T_START, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        row = run_row(Spec(**json.loads(args.child)), args.t0, args.profile_dir)
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
+    rows = []
+    for spec in specs_from_args(args):
+        row = run_row(spec, time.time(), args.profile_dir) if args.in_process else \
+            run_isolated(spec, args.log_dir, args.timeout, args.profile_dir)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        old = json.loads(args.json.read_text()) if args.json.is_file() else []
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(old + rows, indent=1) + "\n")
+    print(f"command: python bench/train_speed.py {' '.join(sys.argv[1:])}")
+    print(table(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
