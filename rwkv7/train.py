@@ -176,6 +176,9 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
                                          collate_fn=pack_collate if device.type == "cuda" else pad_collate)
     steps_per_epoch = math.ceil(len(sampler) / params.accumulate_grad_batches)
     total_steps = params.max_steps or params.epochs * steps_per_epoch
+    if params.warmup_steps >= total_steps:
+        warnings.warn(f"warmup_steps={params.warmup_steps} ≥ {total_steps} planned steps: the learning rate never "
+                      f"reaches lr_init={params.lr_init}", stacklevel=2)
     distill = encode(params.distill_prompt) if params.distill_prompt else None
     module = StateTuner(model, _optim(params, total_steps), sampler, distill)
     meta = {"training": params.model_dump(), "data": {"file": data_path.name, "sha256": data_sha}}

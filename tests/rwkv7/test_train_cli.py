@@ -173,3 +173,13 @@ def test_cli_train_runs_and_reports_bad_options(world_model: Path, dialogues: Pa
     bad = runner.invoke(app, [*base, "--loss-on", "everything"])
     assert bad.exit_code == 2 and "--loss-on" in bad.output
     assert "--resume" in runner.invoke(app, ["train", "--help"]).output
+
+
+def test_gradient_accumulation_counts_optimizer_steps_over_whole_epochs(world_model: Path, dialogues: Path,
+                                                                         tmp_path: Path) -> None:
+    params = TrainParams(**{**FAST, "accumulate_grad_batches": 2, "warmup_steps": 0}, epochs=2)
+    metrics = train_state(world_model, dialogues, tmp_path, params)
+    rows = csv_rows(tmp_path / "metrics.csv")
+    assert metrics["steps"] == 4 == len(rows)  # 3 micro-batches per epoch → 2 optimizer steps per epoch
+    assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 2]
+    assert metrics["real_tokens"] == 2 * metrics["data"]["tokens"]
