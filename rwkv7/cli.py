@@ -134,6 +134,9 @@ def train(model: Path = MODEL_OPTION,
           distill_prompt: str | None = typer.Option(None, help="learn a state that acts like this prompt"),
           seed: int | None = typer.Option(None, help="seed for data order (default 42)"),
           device: str | None = typer.Option(None, help="auto, cpu or cuda (default auto)"),
+          cpu_threads: int | None = typer.Option(None, help="torch threads on CPU; 1 is fastest for tiny models"),
+          precision: str | None = typer.Option(None, help="frozen weights: bf16, int8 or nf4 (CUDA) (default bf16)"),
+          devices: int | None = typer.Option(None, help="GPUs; >1 trains with Lightning DDP (default 1)"),
           resume: bool = typer.Option(False, help="continue from OUT/checkpoints/last.ckpt"),
           tensorboard: bool = typer.Option(False, help="log to OUT/tensorboard (needs tensorboard installed)")
           ) -> None:
@@ -144,7 +147,8 @@ def train(model: Path = MODEL_OPTION,
     given = {"max_steps": max_steps, "epochs": epochs, "lr_init": lr_init, "lr_final": lr_final,
              "warmup_steps": warmup_steps, "ctx_len": ctx_len, "micro_bsz": micro_bsz,
              "accumulate_grad_batches": accumulate, "loss_on": loss_on, "overlong": overlong, "grad_cp": grad_cp,
-             "distill_prompt": distill_prompt, "seed": seed, "device": device, "tensorboard": tensorboard or None}
+             "distill_prompt": distill_prompt, "seed": seed, "device": device, "cpu_threads": cpu_threads,
+             "precision": precision, "devices": devices, "tensorboard": tensorboard or None}
     try:
         settings = TrainParams.from_options({k: v for k, v in given.items() if v is not None})
         metrics = train_state(model, data, out, settings, resume=resume)

@@ -188,6 +188,11 @@ class StateTuner(L.LightningModule):
         self._step_t0 = time.perf_counter()
 
     def on_fit_start(self) -> None:
+        """With grad_cp, each block recomputes its activations in backward (non-reentrant checkpointing).
+
+        Done by wrapping the block instances' forward for the duration of fit (undone in on_fit_end), so the
+        model class stays free of training concerns.
+        """
         if self.optim.grad_cp:
             for block in self.model.blocks:
                 block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
