@@ -39,8 +39,10 @@ REPORT_FILE = "reports/report.md"
 NETWORK_STAGES = frozenset({"download", "augment"})
 NETWORK_RETRIES = 2
 NETWORK_RETRY_DELAY_S = 10
-# "epoch 3/10", "step 40/200", "file 2/5": a stage line like this moves the stage's progress artifact.
-PROGRESS_LINE = re.compile(r"(?i)\b(?:epoch|step|file|batch|record|video|item|chunk)s?\b\D{0,3}(\d+)\s*/\s*(\d+)")
+# "epoch 3/10", "step 40/200", "file 2/5", or a tqdm bar "…| 12/40 [00:03<…": such a stage line moves the
+# stage's progress artifact.
+PROGRESS_LINE = re.compile(
+    r"(?i)\b(?:epoch|step|file|batch|record|video|item|chunk)s?\b\D{0,3}(\d+)\s*/\s*(\d+)|\|\s*(\d+)/(\d+)\s*\[")
 PROGRESS_MIN_INTERVAL_S = 2.0
 PERCENT = 100.0
 STAT_COLUMNS = ("read", "written", "dropped_total", "seconds")
@@ -89,9 +91,12 @@ class _ProgressReporter:
 
     def see(self, line: str) -> None:
         match = PROGRESS_LINE.search(line)
-        if match is None or int(match.group(2)) == 0:
+        if match is None:
             return
-        pct = min(PERCENT, PERCENT * int(match.group(1)) / int(match.group(2)))
+        done, total = (int(g) for g in match.groups() if g is not None)
+        if total == 0:
+            return
+        pct = min(PERCENT, PERCENT * done / total)
         now = time.monotonic()
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(

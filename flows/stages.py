@@ -14,6 +14,7 @@ DVC decides what is up to date (dvc.lock + run-cache); this module only asks it 
 from __future__ import annotations
 
 import enum
+import io
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ _RAN = "Running stage '{}'"
 _RESTORED = "Stage '{}' is cached - skipping run"
 _UP_TO_DATE = "Stage '{}' didn't change, skipping"
 _TAIL_LINES = 20
+BAR_REDRAW_INTERVAL_S = 2.0
 
 
 class Outcome(str, enum.Enum):
@@ -80,22 +82,29 @@ def dvc_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_dvc(args: Sequence[str], root: str | Path, on_line: LineSink | None = None) -> list[str]:
-    """Run `python -m dvc <args>` in `root`; stream each output line to `on_line`; return all lines.
+    """Run `python -m dvc <args>` in `root`; stream each output line to `on_line`; return the lines.
 
+    A line ended by a bare carriage return is a progress-bar redraw (tqdm, rich): those reach `on_line` at most
+    once per BAR_REDRAW_INTERVAL_S and are not kept in the returned lines.
     Raises DvcError (with the tail of the log) on a non-zero exit status.
     """
     cmd = [sys.executable, "-m", "dvc", *args]
     lines: list[str] = []
-    with subprocess.Popen(
-        cmd, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, encoding="utf-8", errors="replace", bufsize=1,
-    ) as proc:
+    last_redraw = 0.0
+    with subprocess.Popen(cmd, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
+        # newline="": split at \n, \r\n and bare \r, and keep the terminator so redraws can be told apart.
+        for raw in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
+            line = raw.strip()
             if not line:
                 continue
-            lines.append(line)
+            if raw.endswith("\r"):
+                now = time.monotonic()
+                if now - last_redraw < BAR_REDRAW_INTERVAL_S:
+                    continue
+                last_redraw = now
+            else:
+                lines.append(line)
             if on_line is not None:
                 on_line(line)
         rc = proc.wait()

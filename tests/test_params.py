@@ -21,6 +21,7 @@ MODELS = {
     "typo_fix": "tasks.typo_fix:TypoFixParams",
     "augment": "tasks.augment:AugmentParams",
     "dedupe": "tasks.dedupe:DedupeParams",
+    "train": "rwkv7.train:TrainParams",
     "evaluate": "tasks.evaluate:EvaluateParams",
 }
 # sections read by the orchestration rather than one stage model
