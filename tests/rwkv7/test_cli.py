@@ -13,7 +13,7 @@ runner = CliRunner()
 
 def test_generate_streams_a_reply_with_and_without_a_state(world_checkpoint, tmp_path):
     args = ["generate", "--model", str(world_checkpoint), "--prompt", "Hello there", "--max-tokens", "8",
-            "--seed", "1", "--device", "cpu"]
+            "--seed", "1", "--device", "cpu", "--cpu-threads", "1"]
     plain = runner.invoke(app, args)
     assert plain.exit_code == 0, plain.output
     assert "tokens/s" in plain.stderr and plain.stdout.strip()
