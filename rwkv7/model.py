@@ -84,8 +84,7 @@ class TimeMix(nn.Module):
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         kappa = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (iclr - 1) * self.k_a)
-        heads = [x.view(B, T, H, N) for x in (r, k, v, iclr)]
-        r4, k4, v4, iclr4 = heads
+        r4, k4, v4, iclr4 = (x.view(B, T, H, N) for x in (r, k, v, iclr))
         out, wkv_state = wkv7(r4, log_decay.view(B, T, H, N), k4, v4, -kappa, kappa * iclr4, wkv_state,
                               cu_seqlens=cu_seqlens)
         out = self.ln_x(out.reshape(B * T, C)).view(B, T, H, N)

@@ -115,6 +115,14 @@ def test_bf16_checkpoint_loads_as_float32_and_config_reads_dims(tmp_path):
     assert torch.isfinite(logits).all() and logits.std() > 0.1
 
 
+def test_bfloat16_model_on_cpu_tracks_float32(tiny_path):
+    tokens = torch.randint(0, 1000, (2, 8))
+    ref, ref_state = load_model(tiny_path)(tokens)
+    logits, state = load_model(tiny_path, dtype=torch.bfloat16)(tokens)
+    assert logits.dtype == torch.bfloat16 and state.wkv.dtype == torch.float32
+    assert rel_err(logits.float(), ref) < 0.05
+
+
 def test_forward_rejects_bad_token_shapes(tiny_path):
     model = load_model(tiny_path)
     with pytest.raises(ValueError, match=r"\[B, T\]"):
