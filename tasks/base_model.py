@@ -4,11 +4,19 @@ Contract: `params.yaml[base_model]` (layers, width, vocabulary, seed) → one `.
 `rwkv7.load_model` reads like a real `rwkv7-g1*.pth`. Same params → the same bytes, so DVC's run-cache and
 remote deduplicate it. The weights are random (seeded): good for exercising the pipeline end to end offline
 on CPU, not for quality; point `model.path` in params.yaml at a real checkpoint for that.
+
+With `pretrained` set (a checkpoint shipped in the repo, e.g. models/rwkv7-demo-L4-C128.pth from
+pretrain/README.md), the stage copies that file instead, after checking its sha256 against `pretrained_sha256`
+or, when that is null, against the `sha256` of its provenance JSON (same name, `.json`); the shape keys are then
+ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +26,8 @@ import torch
 from torch import Tensor
 
 from rwkv7.atomic import atomic_path
-from rwkv7.checkpoint import HEAD_SIZE, WORLD_VOCAB_SIZE, inspect_checkpoint, random_checkpoint
+from rwkv7.checkpoint import (HEAD_SIZE, WORLD_VOCAB_SIZE, CheckpointError, inspect_checkpoint, load_checkpoint,
+                              random_checkpoint)
 from tasks.common import ParamsError, StageStats, load_section
 
 
@@ -31,6 +40,43 @@ class BaseModelParams(BaseModel):
     n_embd: int = Field(128, ge=HEAD_SIZE, multiple_of=HEAD_SIZE)
     vocab_size: int = Field(WORLD_VOCAB_SIZE, ge=1)  # the World tokenizer's ids must fit
     seed: int = 0
+    pretrained: Path | None = None  # shipped checkpoint to copy instead of random weights
+    pretrained_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # null: read from <pretrained>.json
+
+
+class PretrainedMismatchError(CheckpointError):
+    """The shipped checkpoint is missing, lacks a provenance hash, or its sha256 differs from the expected one."""
+
+
+def expected_sha256(path: Path, pinned: str | None) -> str:
+    """`pinned`, else the `sha256` of the provenance JSON beside `path`; raises PretrainedMismatchError."""
+    if pinned:
+        return pinned
+    sidecar = path.with_suffix(".json")
+    try:
+        return str(json.loads(sidecar.read_text(encoding="utf-8"))["sha256"])
+    except (OSError, ValueError, KeyError) as e:
+        raise PretrainedMismatchError(f"{path}: no base_model.pretrained_sha256 and no usable sha256 in {sidecar} "
+                                      f"({type(e).__name__}: {e})") from None
+
+
+def copy_pretrained(src: Path, out: Path, pinned: str | None) -> dict[str, object]:
+    """Copy `src` to `out` (atomically) after checking its sha256 and x070 layout; return its shapes."""
+    if not src.is_file():
+        raise PretrainedMismatchError(f"{src}: base_model.pretrained checkpoint not found")
+    want = expected_sha256(src, pinned)
+    digest = hashlib.sha256()
+    with src.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != want:
+        raise PretrainedMismatchError(f"{src}: sha256 {digest.hexdigest()} != expected {want} (corrupt copy, or an "
+                                      "LFS pointer instead of the file?)")
+    sd, cfg = load_checkpoint(src)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
+    return {"pretrained": str(src), "sha256": want, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+            "vocab_size": cfg.vocab_size, "parameters": sum(t.numel() for t in sd.values())}
 
 
 def write_checkpoint_bytes_stable(sd: dict[str, Tensor], out: Path) -> None:
@@ -48,6 +94,10 @@ def write_checkpoint_bytes_stable(sd: dict[str, Tensor], out: Path) -> None:
 def build_base_model(out: Path, p: BaseModelParams, stats_path: Path | None = None) -> dict[str, object]:
     """Write the checkpoint to `out` (atomically); return stats with the shapes and parameter count."""
     stats = StageStats("base_model")
+    if p.pretrained is not None:
+        stats.extra.update(copy_pretrained(p.pretrained, out, p.pretrained_sha256), bytes=out.stat().st_size)
+        stats.written = 1
+        return stats.save(stats_path) if stats_path else stats.as_dict()
     sd = random_checkpoint(n_layer=p.n_layer, n_embd=p.n_embd, vocab_size=p.vocab_size, seed=p.seed)
     write_checkpoint_bytes_stable(sd, out)
     stats.written = 1
@@ -66,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         params = load_section(BaseModelParams, "base_model", args.params)
     except ParamsError as e:
         sys.exit(f"base_model: {e}")
-    stats = build_base_model(args.out, params, args.stats)
-    print(f"base_model: {args.out} ({stats['parameters']:,} parameters, L={params.n_layer}, C={params.n_embd})",
+    try:
+        stats = build_base_model(args.out, params, args.stats)
+    except CheckpointError as e:
+        sys.exit(f"base_model: {e}")
+    print(f"base_model: {args.out} ({stats['parameters']:,} parameters, L={stats['n_layer']}, C={stats['n_embd']})",
           file=sys.stderr)
 
 
