@@ -20,7 +20,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
@@ -31,7 +31,7 @@ from prefect.states import State
 from pydantic import BaseModel, Field
 
 from flows.params_file import set_params
-from flows.stages import Outcome, StagePlan, StageRun, repro_stage, stage_plan
+from flows.stages import StagePlan, StageRun, all_metrics, repro_stage, stage_plan
 
 PARAMS_FILE = "params.yaml"
 REPORT_FILE = "reports/report.md"
@@ -51,12 +51,13 @@ STAT_COLUMNS = ("read", "written", "dropped_total", "seconds")
 class PipelineSettings(BaseModel):
     """The knobs the Prefect UI shows as a form; each is written into its params.yaml key. None keeps the file."""
 
-    sources: list[str] | None = Field(None, description="download.sources: video/list URLs or local paths")
-    model_path: str | None = Field(None, description="model.path: base RWKV-7 .pth (e.g. models/rwkv7-g1.pth)")
-    epochs: int | None = Field(None, ge=1, description="train.epochs")
-    max_steps: int | None = Field(None, ge=-1, description="train.max_steps (-1 = no limit)")
-    augment_provider: str | None = Field(None, description="augment.provider (offline provider needs no key)")
-    augment_target: int | None = Field(None, ge=0, description="augment.target_records")
+    sources: list[str] | None = Field(None, description="download.sources: video/playlist/RSS URLs or local paths")
+    model_path: str | None = Field(None, description="model.path: base RWKV-7 .pth, e.g. models/rwkv7-g1.pth")
+    epochs: int | None = Field(None, ge=1, description="train.epochs: passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="train.max_steps: optimizer steps (overrides epochs)")
+    augment_provider: Literal["none", "gemini", "openai"] | None = Field(
+        None, description="augment.provider: none (offline), gemini or openai (API key from the environment)")
+    augment_target: int | None = Field(None, ge=0, description="augment.target_count: generated dialogues wanted")
 
     def params_updates(self) -> dict[str, Any]:
         """`{dotted params.yaml key: value}` for the fields that are set."""
@@ -69,7 +70,7 @@ PARAMS_KEYS = {
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
     "augment_provider": "augment.provider",
-    "augment_target": "augment.target_records",
+    "augment_target": "augment.target_count",
 }
 
 
@@ -179,14 +180,14 @@ def results_table(stages: list[str], states: dict[str, State], runs: dict[str, S
     return rows
 
 
-def metrics_markdown(runs: dict[str, StageRun]) -> str:
-    """All metrics files of the stages, one section per file with its scalar values."""
+def metrics_markdown(metrics: dict[str, dict[str, Any]]) -> str:
+    """Metrics files (`{path: object}`) as Markdown: one section per file, one row per scalar (nested keys dotted)."""
     lines = ["# Metrics", ""]
-    for run in runs.values():
-        for rel, data in run.metrics.items():
-            lines += [f"## {run.stage}: `{rel}`", "", "| key | value |", "|---|---|"]
-            lines += [f"| {key} | {value} |" for key, value in _flatten(data).items()]
-            lines.append("")
+    # training and evaluation first, then the stage stats
+    for rel, data in sorted(metrics.items(), key=lambda item: "/stats/" in item[0]):
+        lines += [f"## `{rel}`", "", "| key | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in _flatten(data).items()]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -205,8 +206,10 @@ def publish(stages: list[str], states: dict[str, State], runs: dict[str, StageRu
     """Artifacts for the UI: stage results table, metrics, and the evaluation report when there is one."""
     create_table_artifact(results_table(stages, states, runs), key="stage-results",
                           description="Each DVC stage: ran / restored (run-cache) / up to date, with its stats")
-    if any(run.metrics for run in runs.values()):
-        create_markdown_artifact(metrics_markdown(runs), key="metrics", description="Metrics files of all stages")
+    metrics = all_metrics(workspace)
+    if metrics:
+        create_markdown_artifact(metrics_markdown(metrics), key="metrics",
+                                 description="`dvc metrics show`: stage stats, training and evaluation metrics")
     report = Path(workspace, REPORT_FILE)
     if report.is_file():
         create_markdown_artifact(report.read_text(encoding="utf-8"), key="evaluation-report",
@@ -219,8 +222,12 @@ def pipeline(settings: PipelineSettings = PipelineSettings(), targets: list[str]
              workspace: str = ".") -> list[dict[str, Any]]:
     """Bring the DVC pipeline in `workspace` up to date; returns the stage results table.
 
-    settings: params.yaml knobs (None fields keep the file); targets: run only these stages and their upstream;
-    gpu_stages: stages sent to the work pool behind `gpu_deployment` (see docs/pipeline.md).
+    Args:
+        settings: params.yaml knobs written before any stage runs (empty fields keep the file's values).
+        targets: run only these stages and everything upstream of them (empty: all stages).
+        gpu_stages: stages to run on the GPU deployment instead of here, e.g. ["train"] (docs/pipeline.md).
+        gpu_deployment: the `statetune-stage` deployment served on the GPU machine.
+        workspace: the DVC project (git checkout) to run in.
     """
     logger = get_run_logger()
     changed = set_params(Path(workspace, PARAMS_FILE), settings.params_updates())
@@ -239,10 +246,3 @@ def pipeline(settings: PipelineSettings = PipelineSettings(), targets: list[str]
     if failed:
         raise StageFailedError(f"stages not completed: {failed} (see each task's log)")
     return results_table(stages, states, runs)
-
-
-if __name__ == "__main__":
-    table = pipeline()
-    width = max(len(row["stage"]) for row in table)
-    for row in table:
-        print(f"{row['stage']:<{width}}  {row['outcome']}", file=sys.stderr)

@@ -11,9 +11,11 @@ last line of defence. The refresh schedule is `schedule.refresh_cron` in params.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from prefect import serve
+from prefect.client.orchestration import get_client
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.handoff import remote_stage
@@ -23,6 +25,7 @@ from tasks.common import read_params
 
 ONE_AT_A_TIME = 1
 ROLES = ("coordinator", "gpu")
+API_POLL_S = 1.0
 
 
 def refresh_cron(params_path: str | Path) -> str | None:
@@ -52,11 +55,25 @@ def build_deployments(workspace: str | Path = ".", role: str = "coordinator") ->
     ]
 
 
+def wait_for_api(timeout_s: float) -> None:
+    """Block until the configured Prefect API answers its health check (a server started just before us)."""
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while (error := client.api_healthcheck()) is not None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Prefect API {client.api_url} not healthy after {timeout_s:.0f} s: {error}")
+            time.sleep(API_POLL_S)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workspace", default=".", help="the DVC project the flows run in (default: here)")
     ap.add_argument("--role", choices=ROLES, default="coordinator")
+    ap.add_argument("--wait-for-api", type=float, default=0, metavar="SECONDS",
+                    help="wait this long for the Prefect API to come up first (make ui starts both)")
     args = ap.parse_args(argv)
+    if args.wait_for_api:
+        wait_for_api(args.wait_for_api)
     serve(*build_deployments(args.workspace, args.role), limit=ONE_AT_A_TIME)
 
 

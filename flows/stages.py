@@ -202,3 +202,15 @@ def read_metrics(root: str | Path, paths: Sequence[str]) -> dict[str, dict[str, 
             data = {"error": f"{rel}: unreadable metrics ({e})"}
         out[rel] = data if isinstance(data, dict) else {"error": f"{rel}: not a JSON object"}
     return out
+
+
+def all_metrics(root: str | Path) -> dict[str, dict[str, Any]]:
+    """Every metrics file DVC knows (stage `metrics` and top-level `metrics` of dvc.yaml) that exists now:
+    `{path: object}`, from `dvc metrics show --json`; a file DVC could not read maps to `{"error": ...}`."""
+    text = "\n".join(run_dvc(["metrics", "show", "--json"], root))
+    shown = json.loads(text[text.index("{"):]) if "{" in text else {}
+    out: dict[str, dict[str, Any]] = {}
+    for rev in shown.values():
+        for path, entry in (rev.get("data") or {}).items():
+            out[path] = entry["data"] if "data" in entry else {"error": str(entry.get("error"))}
+    return out

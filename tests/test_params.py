@@ -61,3 +61,20 @@ def test_every_stage_runs_its_own_module_and_lists_its_code() -> None:
 
 def test_refresh_cron_is_five_fields() -> None:
     assert len(read_params(PARAMS)["schedule"]["refresh_cron"].split()) == 5
+
+
+def test_flow_form_fields_are_real_params_keys(tmp_path: Path) -> None:
+    """Every Prefect form field writes a key its stage model accepts (extra keys are rejected there)."""
+    from flows.params_file import set_params
+    from flows.pipeline import PARAMS_KEYS, PipelineSettings
+
+    values = {"sources": ["samples/media"], "model_path": "models/x.pth", "epochs": 2, "max_steps": 5,
+              "augment_provider": "gemini", "augment_target": 10}
+    assert set(values) == set(PipelineSettings.model_fields) == set(PARAMS_KEYS)
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text())
+    set_params(params, PipelineSettings(**values).params_updates())
+    for section, spec in MODELS.items():
+        module, name = spec.split(":")
+        load_section(getattr(importlib.import_module(module), name), section, params)
+    assert read_params(params)["model"]["path"] == "models/x.pth"
