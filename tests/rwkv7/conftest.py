@@ -12,6 +12,10 @@ import torch
 from rwkv7.checkpoint import random_checkpoint, save_checkpoint
 
 TINY = {"n_layer": 3, "n_embd": 128, "vocab_size": 1000}
+# The `rwkv` package picks its model class when first imported: select x070 before any test can import it.
+os.environ["RWKV_V7_ON"] = "1"
+os.environ.setdefault("RWKV_JIT_ON", "0")
+os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +40,6 @@ class RwkvPipOracle:
     """The `rwkv` package's x070 model (cpu fp32) as a function of (tokens, runner-style wkv state)."""
 
     def __init__(self, path: Path) -> None:
-        os.environ["RWKV_V7_ON"] = "1"
-        os.environ.setdefault("RWKV_JIT_ON", "0")
-        os.environ.setdefault("RWKV_CUDA_ON", "0")
         from rwkv.model import RWKV
 
         self.model = RWKV(model=str(path.with_suffix("")), strategy="cpu fp32")
