@@ -33,7 +33,9 @@ def test_logits_match_rwkv_pip_from_zero_and_runner_state(tiny_checkpoints, rwkv
     save_state(tmp_path / "s.pth", wkv, {"note": "parity"}, model=model)
     init = rwkv7.load_state(tmp_path / "s.pth", model)
     ours = model(tokens[:1], state=init)[0][0]
-    ref = oracle.logits(tokens[0].tolist(), time_state=wkv)
+    runner_file = torch.load(tmp_path / "s.pth", map_location="cpu", weights_only=True)  # as Runner reads it
+    time_state = torch.stack([runner_file[f"blocks.{i}.att.time_state"] for i in range(model.config.n_layer)])
+    ref = oracle.logits(tokens[0].tolist(), time_state=time_state)
     assert rel_err(ours, ref) < PARITY_REL_TOL
     assert rel_err(ours, oracle.logits(tokens[0].tolist())) > 1e-3, "the injected state must matter"
 
