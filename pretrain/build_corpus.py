@@ -197,15 +197,23 @@ def dictionary_entry(s: Synset) -> str:
     return text
 
 
-OPENERS = [("Hi!", "Hello! How can I help you today?"), ("Hello.", "Hi there. What would you like to talk about?"),
-           ("Good morning!", "Good morning! What can I do for you?"), ("Hey, are you there?", "Yes, I am here."),
-           ("Hi, can I ask you about some words?", "Of course. Which word would you like to know about?"),
-           ("How are you?", "I am fine, thank you. How are you?"), ("Who are you?", "I am a small language model. "
-                                                                      "I can explain words and answer simple questions."),
-           ("What can you do?", "I can tell you what words mean and give you example sentences.")]
-CLOSERS = [("Thank you!", "You're welcome."), ("Thanks, that helps.", "Glad to help."),
-           ("Great, thanks.", "Any time."), ("OK, bye!", "Goodbye!"), ("That was useful. Thank you.",
-                                                                      "You're welcome. Ask me any time.")]
+OPENERS = [
+    ("Hi!", "Hello! How can I help you today?"),
+    ("Hello.", "Hi there. What would you like to talk about?"),
+    ("Good morning!", "Good morning! What can I do for you?"),
+    ("Hey, are you there?", "Yes, I am here."),
+    ("Hi, can I ask you about some words?", "Of course. Which word would you like to know about?"),
+    ("How are you?", "I am fine, thank you. How are you?"),
+    ("Who are you?", "I am a small language model. I can explain words and answer simple questions."),
+    ("What can you do?", "I can tell you what words mean and give you example sentences."),
+]
+CLOSERS = [
+    ("Thank you!", "You're welcome."),
+    ("Thanks, that helps.", "Glad to help."),
+    ("Great, thanks.", "Any time."),
+    ("OK, bye!", "Goodbye!"),
+    ("That was useful. Thank you.", "You're welcome. Ask me any time."),
+]
 ASK_MEANING = ['What does "{w}" mean?', "What does {w} mean?", 'What is the meaning of "{w}"?',
                'Can you explain the word "{w}"?', "Define {w}.", "what does {w} mean", "I don't know the word "
                "{w}. What is it?", 'Please tell me what "{w}" means.', 'Explain "{w}" to me.']

@@ -1,7 +1,7 @@
 """Pretrain the demo's small RWKV-7 (x070) on the corpus of build_corpus.py; write a BlinkDL-layout checkpoint.
 
-All weights train (bf16 autocast, AdamW, linear warm-up then cosine). The WKV kernel is `rwkv7.wkv`'s dispatch:
-fla's chunk kernel on CUDA, the float32 reference loop on CPU (for the dry run).
+All weights train (bf16 autocast, AdamW, linear warm-up then cosine). The model is `rwkv7.model.RWKV7`; its WKV
+runs through `chunked_wkv.wkv7_chunked` (plain torch, float32, no kernel compilation), on CUDA and CPU alike.
 
 Rare-token sharing: tokens seen fewer than `model.min_token_count` times in train.bin share one embedding row and
 one head row. The model trains on a compact vocabulary of K kept ids + 1 shared id; the softmax stays exact over

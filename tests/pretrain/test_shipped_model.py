@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,12 @@ SHIPPED = Path(__file__).resolve().parents[2] / "models" / "rwkv7-demo-L4-C128.p
 
 HELDOUT_DOCS = 16
 HELDOUT_TOKENS = 64
-# Measured: shipped 3.1-3.3 nats/token on this slice, random init 11.1 (about ln 65536).
+# Measured: shipped 2.12 nats/token on this slice, random init 11.26 (about ln 65536 = 11.09).
 SHIPPED_LOSS_MAX = 4.0
 RANDOM_LOSS_MIN = 9.0
 GENERATED_TOKENS = 40
-ENGLISH_WORD_SHARE_MIN = 0.8
+ENGLISH_WORD_SHARE_MIN = 0.8  # measured 0.92 for the shipped model, under 0.5 for the random init
+PUNCTUATION = "\"'.,!?;:()"
 
 
 def mean_loss(model: rwkv7.RWKV7, docs: list[list[int]]) -> float:
@@ -57,6 +57,8 @@ def test_sha256_and_shapes_match_provenance(shipped_model: rwkv7.RWKV7) -> None:
     sd, _ = load_checkpoint(SHIPPED)
     assert all(t.dtype == torch.bfloat16 for t in sd.values())
     assert meta["training"]["heldout_loss_final"] < SHIPPED_LOSS_MAX
+    heldout = SHIPPED.parents[1] / meta["corpus"]["heldout_file"]
+    assert hashlib.sha256(heldout.read_bytes()).hexdigest() == meta["corpus"]["heldout_sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +80,14 @@ def test_heldout_loss_far_below_random_init(shipped_model: rwkv7.RWKV7, random_m
 
 
 def english_word_share(text: str, tok: WorldTokenizer) -> float:
-    """Share of the words in `text` that the World vocabulary holds as one ' word' token (common words)."""
-    words = re.findall(r"[A-Za-z]+", text)
-    if not words:
+    """Share of the whitespace-separated pieces of `text` that are plain ASCII words (outer punctuation
+    stripped) which the World vocabulary holds as one ' word' token, i.e. common English words."""
+    pieces = [p.strip(PUNCTUATION) for p in text.split()]
+    pieces = [p for p in pieces if p]
+    if not pieces:
         return 0.0
     vocab = set(tok.vocab)
-    return sum((" " + w.lower()).encode() in vocab or (" " + w).encode() in vocab for w in words) / len(words)
+    return sum(p.isascii() and p.isalpha() and (" " + p.lower()).encode() in vocab for p in pieces) / len(pieces)
 
 
 def greedy(model: rwkv7.RWKV7, prompt: list[int], n: int) -> list[int]:
