@@ -4,7 +4,9 @@
 #
 #   bash bench/gpu_run.sh PLAN [SECONDS]
 #
-# PLAN: first  cold start; WKV check on GPU 1 while GPU 0 measures the 1.5B variants (grad_cp on/off, fla chunk
+# PLAN: one    one GPU: 1.5B (a) bf16, (b) bf16/int8/nf4, (c) bf16, WKV check, then (a) variants (no grad_cp,
+#              compiled blocks, fla chunk 16), as far as SECONDS allow
+#       first  two GPUs, cold start; WKV check on GPU 1 while GPU 0 measures the 1.5B variants (grad_cp on/off, fla chunk
 #              64/16, workload c, profile), then GPU 1 the 1.5B memory rows (b: bf16/int8/nf4), then 1.5B (a) under
 #              DDP on both GPUs
 #       final  all models: (a) bf16, (b) bf16/int8/nf4, (c) bf16 split over the GPUs, then 1.5B (a) DDP
@@ -85,7 +87,9 @@ case "$PLAN" in
     if [ "$NGPU" -ge 2 ]; then
       ( wkv_check 1 240
         stamp "GPU 1: memory rows"
-        run_on 1 $(($(left) - 110)) --models 1.5b --workloads b --precisions bf16,int8,nf4 ) &
+        run_on 1 $(($(left) - 110)) --models 1.5b --workloads b --precisions bf16,int8,nf4
+        stamp "GPU 1: compiled blocks"
+        run_on 1 $(($(left) - 110)) --models 1.5b --workloads a --compile ) &
       side=$!
     fi
     stamp "GPU 0: 1.5B variants"
@@ -95,10 +99,19 @@ case "$PLAN" in
     if [ "$NGPU" -lt 2 ]; then
       wkv_check 0 $(($(left) - 60))
       run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --precisions bf16,int8,nf4
-    else
+    else  # (unused) single-GPU order lives in plan "one"
       wait "$side"
       ddp_row
     fi
+    ;;
+  one)  # one GPU, most important first: targets, WKV check, then variants
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --precisions bf16,int8,nf4
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c
+    wkv_check 0 $(($(left) - 60))
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --grad-cp off
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --compile
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --fla-chunk 16
     ;;
   final)
     ( run_on 1 $(($(left) - 100)) --models 0.1b,0.4b --workloads a,b,c
