@@ -1,0 +1,43 @@
+"""bench/train_speed.py on CPU: workloads have the promised shapes, and a row runs the real trainer end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ts():  # noqa: ANN201 - the script module
+    spec = importlib.util.spec_from_file_location("train_speed", REPO / "bench" / "train_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_speed"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_workloads_are_long_truncated_samples_or_short_dialogues(ts) -> None:  # noqa: ANN001
+    a = ts.synthetic_samples(ts.WORKLOADS["a"], 16, seed=0, vocab=65536)
+    assert all(s.n_inputs == 512 and all(s.mask) for s in a)
+    c = ts.synthetic_samples(ts.WORKLOADS["c"], 200, seed=0, vocab=65536)
+    assert all(50 <= len(s.ids) <= 300 for s in c) and min(len(s.ids) for s in c) < 80 < 270 < max(len(s.ids) for s in c)
+    assert all(not any(s.mask[:len(s.ids) // 3]) and all(s.mask[-len(s.ids) // 3:]) for s in c)
+    assert a[0].ids != ts.synthetic_samples(ts.WORKLOADS["a"], 1, seed=1, vocab=65536)[0].ids
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_cpu_row_trains_through_the_trainer_and_reports_every_field(ts, precision: str) -> None:  # noqa: ANN001
+    spec = ts.Spec(model="tiny", workload="ta", precision=precision, grad_cp=True, compile=False, fla_chunk="64",
+                   devices=1, steps=3, warmup=1, loss_chunk=16, device="cpu", lr=1.0)
+    row = ts.run_row(spec, time.time())
+    assert row["steps"] == 3 and row["tokens_per_step"] == 4 * 24 and row["tokens_per_s"] > 0
+    assert math.isfinite(row["final_loss"]) and math.isfinite(row["loss_last5"]) and row["first_step_s"] > 0
+    assert row["peak_process_gb"] is None and row["device"] == "cpu"
+    text = ts.table([row, {**row, "error": "rc=1: boom"}])
+    assert "| tiny  | ta | " + precision.ljust(4) in text and "ERROR rc=1: boom" in text
