@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from rwkv7.atomic import atomic_path, write_json, write_jsonl, write_text
 
@@ -172,6 +173,7 @@ def plot_val_loss(results: Sequence[VariantResult], dest: str | os.PathLike[str]
         ax.plot([epochs[-1].epoch], [final.score.loss], marker="*", markersize=12, linestyle="none",
                 color="tab:purple", label="final state")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss: tuned state vs baselines")
     ax.grid(alpha=0.3)
