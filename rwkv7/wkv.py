@@ -117,7 +117,9 @@ def _fla(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
         from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
     except ImportError as e:
         raise WKVBackendError(f"WKV backend 'fla' needs flash-linear-attention (fla-core==0.6.0): {e}") from e
-    inputs = [x.contiguous() for x in (r, log_decay.to(r.dtype), k, v, a, b)]
+    # One dtype for all six: under autocast fp32 parameters (k_a, a0, v0, …) promote k/v/a/b to fp32 while r is
+    # bf16, and fla's kernels refuse mixed operands.
+    inputs = [x.to(r.dtype).contiguous() for x in (r, log_decay, k, v, a, b)]
     state_kv = initial_state.float().transpose(-1, -2).contiguous()  # ours [value, key] -> fla [key, value]
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, state_kv))
     if needs_grad or r.shape[1] > FUSED_RECURRENT_MAX_T:
