@@ -42,6 +42,22 @@ from rwkv7.tokenizer import WorldTokenizer
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 HEAD_CHUNK = 1024  # scored positions per head matmul: bounds each [chunk, V] float32 logits buffer (256 MB)
+DEFAULT_SYSTEM_PROMPT = (
+    "You are NEGA, the Native English Grammar Assistant: a warm, precise English grammar teacher. Give the "
+    "corrected sentence first, name the rule in one or two short sentences with one fresh example, and end with "
+    "a brief word of encouragement. Keep replies under 80 words.")
+DEFAULT_PROMPTS = ("Is it correct to say I have went to the shop yesterday?",
+                   "Should I write fewer people or less people?",
+                   "Who are you?",
+                   "I am agree with you about this plan.",
+                   "What is the difference between since and for?")
+DEFAULT_MARKERS = ("NEGA", "grammar", "Great question")
+DEFAULT_MAX_TOKENS = 120
+DEFAULT_CTX_LEN = 512
+EPOCH_STATE = re.compile(r"^state-epoch(\d+)\.pth$")
+FINAL_STATE = "state.pth"
+BEST_STATE = "best-state.pth"
+JUDGE_OFF = "LLM judge: off (`evaluate.judge.provider: none`); every measure above is computed offline."
 
 
 @dataclass(frozen=True)
@@ -264,22 +280,6 @@ def generate_responses(model: RWKV7, tokenizer: WorldTokenizer, prompts: Sequenc
     return out
 
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are NEGA, the Native English Grammar Assistant: a warm, precise English grammar teacher. Give the "
-    "corrected sentence first, name the rule in one or two short sentences with one fresh example, and end with "
-    "a brief word of encouragement. Keep replies under 80 words.")
-DEFAULT_PROMPTS = ("Is it correct to say I have went to the shop yesterday?",
-                   "Should I write fewer people or less people?",
-                   "Who are you?",
-                   "I am agree with you about this plan.",
-                   "What is the difference between since and for?")
-DEFAULT_MARKERS = ("NEGA", "grammar", "Great question")
-DEFAULT_MAX_TOKENS = 120
-DEFAULT_CTX_LEN = 512
-EPOCH_STATE = re.compile(r"^state-epoch(\d+)\.pth$")
-FINAL_STATE = "state.pth"
-BEST_STATE = "best-state.pth"
-JUDGE_OFF = "LLM judge: off (`evaluate.judge.provider: none`); every measure above is computed offline."
 Judge = Callable[[Mapping[str, Sequence[Generation]]], tuple[dict[str, float], str]]
 
 
