@@ -172,6 +172,8 @@ def plot_val_loss(results: Sequence[VariantResult], dest: str | os.PathLike[str]
     if final and epochs:
         ax.plot([epochs[-1].epoch], [final.score.loss], marker="*", markersize=12, linestyle="none",
                 color="tab:purple", label="final state")
+    elif final:  # a run without per-epoch states: the final state is a level, like the baselines
+        ax.axhline(final.score.loss, color="tab:purple", label="final state")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation loss (nats/token)")

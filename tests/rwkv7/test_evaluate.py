@@ -160,6 +160,8 @@ def test_charts_are_valid_pngs(tmp_path):
     assert curves["val_loss"] == ([2.0], [2.4])
     _check_png(plot_training_curves({"train": curves}, tmp_path / "train_loss.png"))
     _check_png(plot_val_loss(SYNTHETIC, tmp_path / "val_loss.png"))
+    no_epochs = [r for r in SYNTHETIC if r.epoch is None]
+    _check_png(plot_val_loss(no_epochs, tmp_path / "final_only.png"))
     assert not list(tmp_path.glob(".*.tmp"))
     bad = tmp_path / "bad.csv"
     bad.write_text("step,lr\n0,1\n", encoding="utf-8")
