@@ -78,6 +78,19 @@ class StageFailedError(RuntimeError):
     """One or more stages failed or could not run because an upstream stage failed."""
 
 
+def progress_percent(line: str) -> float | None:
+    """Percent done that a stage's log line reports, or None.
+
+    >>> progress_percent("Epoch 1:  50%|#####     | 3/6 [00:08<00:08, 0.12it/s]")
+    50.0
+    """
+    match = PROGRESS_LINE.search(line)
+    if match is None:
+        return None
+    done, total = (int(g) for g in match.groups() if g is not None)
+    return min(PERCENT, PERCENT * done / total) if total else None
+
+
 def _artifact_key(*parts: str) -> str:
     return "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts)
 
@@ -91,13 +104,9 @@ class _ProgressReporter:
         self.last_update = 0.0
 
     def see(self, line: str) -> None:
-        match = PROGRESS_LINE.search(line)
-        if match is None:
+        pct = progress_percent(line)
+        if pct is None:
             return
-        done, total = (int(g) for g in match.groups() if g is not None)
-        if total == 0:
-            return
-        pct = min(PERCENT, PERCENT * done / total)
         now = time.monotonic()
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(

@@ -14,7 +14,9 @@ from conftest import stop
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
-from synthetic_project import REPO_ROOT, STAGES, dvc
+from synthetic_project import REPO_ROOT, STAGES, dvc, git, runs
+
+from flows.pipeline import pipeline
 
 DEPLOYMENT_WAIT_S = 120
 RUN_TIMEOUT_S = 240
@@ -32,12 +34,17 @@ def wait_for_deployments(names: list[str], serving: subprocess.Popen, log: Path)
     raise TimeoutError(f"deployments {names} not registered:\n{log.read_text()[-3000:]}")
 
 
+def start_serving(api: str, workspace: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """`python -m flows.serve --workspace <workspace> …` from this checkout, against the test server."""
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO_ROOT)}
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "flows.serve", "--workspace", str(workspace), *extra],
+                                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def test_ui_style_run_of_the_served_pipeline(prefect_api: str, project: Path, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO_ROOT)}
-    with log.open("w") as out:
-        serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--workspace", str(project)],
-                                   cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    serving = start_serving(prefect_api, project, log)
     try:
         deployments = wait_for_deployments(
             ["statetune-pipeline/manual", "statetune-refresh/scheduled"], serving, log)
@@ -57,4 +64,21 @@ def test_ui_style_run_of_the_served_pipeline(prefect_api: str, project: Path, tm
     rows = json.loads(by_key["stage-results"].data)
     assert {r["stage"]: r["outcome"] for r in rows} == dict.fromkeys(STAGES, "ran")
     assert "train:\n  epochs: 4\n" in (project / "params.yaml").read_text()
+    assert "up to date" in dvc(project, "status")
+
+
+def test_gpu_stage_runs_on_the_served_worker_and_comes_back_through_the_run_cache(
+        prefect_api: str, project: Path, tmp_path: Path) -> None:
+    worker = tmp_path / "worker"
+    git(tmp_path, "clone", "-q", str(project), str(worker))  # same commit, same DVC remote
+    log = tmp_path / "serve-gpu.log"
+    serving = start_serving(prefect_api, worker, log, "--role", "gpu")
+    try:
+        wait_for_deployments(["statetune-stage/gpu"], serving, log)
+        table = pipeline(workspace=str(project), gpu_stages=["join"])
+    finally:
+        stop(serving)
+    assert {r["stage"]: r["outcome"] for r in table} == {**dict.fromkeys(STAGES, "ran"), "join": "restored"}
+    assert runs(worker) == ["join"] and "join" not in runs(project)
+    assert (project / "d.txt").read_text() == (worker / "d.txt").read_text() == "abaa"
     assert "up to date" in dvc(project, "status")

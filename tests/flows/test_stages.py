@@ -12,6 +12,7 @@ from ruamel.yaml import YAML
 
 from flows.handoff import push_inputs, run_and_push
 from flows.params_file import set_params
+from flows.pipeline import progress_percent, select
 from flows.stages import DvcError, Outcome, classify, repro_stage, run_dvc, stage_plan
 
 
@@ -106,3 +107,19 @@ def test_two_clones_hand_over_a_stage_through_the_run_cache(tmp_path: Path) -> N
     yaml = YAML(typ="safe")
     lock_entry = {p: yaml.load((p / "dvc.lock").read_text())["stages"]["join"] for p in (coordinator, worker)}
     assert lock_entry[coordinator] == lock_entry[worker]
+
+
+def test_targets_select_their_upstream_in_plan_order(project: Path) -> None:
+    plan = stage_plan(project)
+    assert select(plan, None) == list(plan.order)
+    assert select(plan, ["left"]) == ["make", "left"]
+    assert select(plan, ["join"])[-1] == "join" and len(select(plan, ["join"])) == len(STAGES)
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['nope'\]"):
+        select(plan, ["nope"])
+
+
+def test_progress_read_from_stage_log_lines() -> None:
+    assert progress_percent("Epoch 0:  50%|█████     | 1/2 [00:08<00:08,  0.12it/s, loss=11.30]") == 50.0
+    assert progress_percent("transcribe: file 3/4 nega-articles.mp4") == 75.0
+    assert progress_percent("step 0/0") is None
+    assert progress_percent("saved 2026/11/29 backup") is None
