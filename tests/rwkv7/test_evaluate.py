@@ -222,3 +222,20 @@ def test_generate_responses_is_seeded_per_prompt():
     assert all(1 <= g.n_tokens <= 5 and g.seconds > 0 for g in first)
     other = generate_responses(model, tok, ["Who are you?"], None, sampling.model_copy(update={"seed": 12}))
     assert other[0].text != first[0].text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_score_many_on_cuda_matches_cpu():
+    """bf16 weights on the GPU (fla kernels when installed) against the fp32 CPU reference."""
+    sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=5)
+    cpu = build_model(sd, inspect_checkpoint(sd))
+    gpu = build_model(sd, inspect_checkpoint(sd), device="cuda")
+    samples = _samples([40, 64, 23], seed=4)
+    prefix = [9, 8, 7, 6]
+    want = score_many(cpu, samples, {"zero": None, "prompt": consume(cpu, prefix)}, reference="prompt")
+    got = score_many(gpu, samples, {"zero": None, "prompt": consume(gpu, prefix)}, reference="prompt")
+    for name in want:
+        assert got[name].n_tokens == want[name].n_tokens
+        assert got[name].loss == pytest.approx(want[name].loss, rel=2e-2)
+    assert got["zero"].kl == pytest.approx(want["zero"].kl, rel=0.2, abs=1e-3)
