@@ -10,6 +10,8 @@
 #              64/16, workload c, profile), then GPU 1 the 1.5B memory rows (b: bf16/int8/nf4), then 1.5B (a) under
 #              DDP on both GPUs
 #       final  all models: (a) bf16, (b) bf16/int8/nf4, (c) bf16 split over the GPUs, then 1.5B (a) DDP
+#       short  two GPUs, a few minutes: 1.5B (a) and (c) on GPU 0, (b) bf16/int8/nf4 then the WKV check on GPU 1,
+#              then 1.5B (a) under DDP
 #       ddp    only the DDP row and its single-GPU twin
 # SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
 # Writes to $OUT: run.log, gpu_check_wkv.log, train_speed.json, logs.tgz (per-row logs and profiles),
@@ -137,6 +139,18 @@ case "$PLAN" in
     run_on 0 $(($(left) - 100)) --models 1.5b --workloads b --precisions bf16,int8,nf4
     run_on 0 $(($(left) - 100)) --models 2.9b --workloads a,b,c
     wait "$side"
+    ddp_row
+    ;;
+  short)  # two GPUs, little time: the target rows first (GPU 0: 1.5B (a), (c); GPU 1: (b) memory rows, then
+          # the WKV check), then 1.5B (a) under DDP on both
+    if [ "$NGPU" -ge 2 ]; then
+      ( run_on 1 $(($(left) - 150)) --models 1.5b --workloads b --precisions bf16,int8,nf4
+        wkv_check 1 $(($(left) - 100)) ) &
+      side=$!
+    fi
+    run_on 0 $(($(left) - 150)) --models 1.5b --workloads a
+    run_on 0 $(($(left) - 110)) --models 1.5b --workloads c
+    [ "$NGPU" -ge 2 ] && wait "$side"
     ddp_row
     ;;
   ddp)
