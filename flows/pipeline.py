@@ -17,7 +17,6 @@ Run it: `python -m flows.pipeline` (ephemeral Prefect, the repo as workspace) or
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -255,3 +254,7 @@ def pipeline(settings: PipelineSettings = PipelineSettings(), targets: list[str]
     if failed:
         raise StageFailedError(f"stages not completed: {failed} (see each task's log)")
     return results_table(stages, states, runs)
+
+
+if __name__ == "__main__":
+    pipeline()

@@ -10,16 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import stop
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from server_process import stop
 from synthetic_project import REPO_ROOT, STAGES, dvc, git, runs
 
 from flows.pipeline import pipeline
 
 DEPLOYMENT_WAIT_S = 120
 RUN_TIMEOUT_S = 240
+RUNNER_POLL_S = 1  # how often the serving process looks for runs to start (default 10 s)
 
 
 def wait_for_deployments(names: list[str], serving: subprocess.Popen, log: Path) -> dict:
@@ -29,14 +31,15 @@ def wait_for_deployments(names: list[str], serving: subprocess.Popen, log: Path)
             assert serving.poll() is None, f"flows.serve exited:\n{log.read_text()[-3000:]}"
             try:
                 return {name: client.read_deployment_by_name(name) for name in names}
-            except Exception:  # ObjectNotFound until the serving process has registered them
+            except ObjectNotFound:  # until the serving process has registered them
                 time.sleep(1)
     raise TimeoutError(f"deployments {names} not registered:\n{log.read_text()[-3000:]}")
 
 
 def start_serving(api: str, workspace: Path, log: Path, *extra: str) -> subprocess.Popen:
     """`python -m flows.serve --workspace <workspace> …` from this checkout, against the test server."""
-    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO_ROOT),
+           "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_S)}
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "flows.serve", "--workspace", str(workspace), *extra],
                                 cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
