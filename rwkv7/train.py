@@ -38,7 +38,7 @@ from rwkv7.model import RWKV7, load_model
 from rwkv7.quant import QuantizationError, check_precision, quantize_model
 from rwkv7.state import save_state
 from rwkv7.tokenizer import WorldTokenizer
-from rwkv7.tuning import CKPT_KEY, NonFiniteLossError, OptimSettings, StateTuner
+from rwkv7.tuning import NonFiniteLossError, OptimSettings, StateTuner
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"

@@ -35,12 +35,12 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, write_json, write_jsonl
+from tasks.common import (DataError, ParamsError, StageStats, content_id, load_section, read_jsonl, write_json,
+                          write_jsonl)
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-ID_HASH_CHARS = 16
 RETRYABLE_HTTP = frozenset({408, 429})
 SERVER_ERROR_MIN = 500
 SECONDS_PER_MINUTE = 60.0
@@ -136,12 +136,6 @@ class Provider(Protocol):
     name: str
 
     def __call__(self, prompt: str) -> Reply: ...
-
-
-def content_id(prefix: str, messages: list[dict[str, str]]) -> str:
-    """Stable id from content: `<prefix>-<first 16 hex of sha256(canonical JSON of role/content pairs)>`."""
-    canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
-    return f"{prefix}-{hashlib.sha256(canon.encode('utf-8')).hexdigest()[:ID_HASH_CHARS]}"
 
 
 def validate_dialogue(messages: list[dict[str, str]], p: AugmentParams) -> str | None:

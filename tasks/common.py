@@ -7,6 +7,7 @@ counts read / written / dropped by reason and seconds taken.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from ruamel.yaml import YAML
 from rwkv7.atomic import write_json, write_jsonl  # noqa: F401  (re-exported for stages)
 
 DEFAULT_PARAMS = Path("params.yaml")
+ID_HASH_CHARS = 16
 P = TypeVar("P", bound=BaseModel)
 
 
@@ -57,6 +59,16 @@ def parse_section(model: type[P], section: str, raw: dict[str, Any], source: str
             f"{'.'.join([section, *map(str, err['loc'])])}: {err['msg']}" for err in e.errors()
         )
         raise ParamsError(f"{source}: {problems}") from None
+
+
+def content_id(prefix: str, messages: list[dict[str, str]]) -> str:
+    """Stable record id from content: `<prefix>-<first 16 hex of sha256(canonical JSON of role/content pairs)>`.
+
+    >>> content_id("seed", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])[:5]
+    'seed-'
+    """
+    canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return f"{prefix}-{hashlib.sha256(canon.encode('utf-8')).hexdigest()[:ID_HASH_CHARS]}"
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import fnmatch
-import hashlib
-import json
 import re
 import sys
 from collections import Counter
@@ -37,13 +35,12 @@ from typing import Any, Literal
 import pysrt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.common import DataError, ParamsError, StageStats, load_section, write_jsonl
+from tasks.common import DataError, ParamsError, StageStats, content_id, load_section, write_jsonl
 
 Role = Literal["user", "assistant"]
 Strategy = Literal["auto", "tags", "alternating", "monologue"]
 
 MS_PER_S = 1000
-ID_HEX_CHARS = 16
 SNIPPET_CHARS = 60
 # A BOM-less file is taken as UTF-16 when at least this share of its odd (LE) or even (BE) bytes are NUL.
 UTF16_MIN_NUL_SHARE = 0.3
@@ -457,13 +454,12 @@ def make_record(window: list[Utterance], path: Path, strategy: str, encoding: st
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": m.role, "content": m.text} for m in window
     ]
-    digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
     source = {
         "origin": "srt", "file": path.as_posix(), "cues": [window[0].cues[0], window[-1].cues[1]],
         "start": round(window[0].start, 3), "end": round(window[-1].end, 3),
         "speaker_strategy": strategy, "encoding": encoding,
     }
-    return {"id": f"srt-{digest[:ID_HEX_CHARS]}", "messages": messages, "source": source}
+    return {"id": content_id("srt", messages), "messages": messages, "source": source}
 
 
 def file_settings(path: Path, pieces: list[Piece], params: SrtToJsonlParams) -> tuple[str, Role]:
