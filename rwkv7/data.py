@@ -19,7 +19,6 @@ groups samples of similar length (sort within a seeded shuffled window) so paddi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from collections import Counter
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from rwkv7.jsonl import read_jsonl
 from rwkv7.template import Segment, TemplateError, render, segment_text
 
 LossOn = Literal["assistant", "all"]
@@ -170,17 +170,7 @@ def _fit(ids: list[int], mask: list[bool], ctx_len: int, overlong: Overlong
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise DatasetError(f"{path}: training data file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return read_jsonl(path, DatasetError)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 
+from rwkv7 import jsonl
 from rwkv7.atomic import write_json, write_jsonl  # noqa: F401  (re-exported for stages)
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -73,18 +74,7 @@ def content_id(prefix: str, messages: list[dict[str, str]]) -> str:
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, object)` for each non-blank line; a bad line raises DataError naming file:line."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return jsonl.read_jsonl(path, DataError)
 
 
 class StageStats:

@@ -10,7 +10,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = ROOT / "pretrain"
@@ -38,12 +37,6 @@ def load_script(name: str) -> ModuleType:
 def script() -> Callable[[str], ModuleType]:
     """`script("pretrain")` → the module pretrain/pretrain.py (test files cannot import this conftest)."""
     return load_script
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    """One intra-op thread: faster for these tiny tensors on the shared 2-core machine."""
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

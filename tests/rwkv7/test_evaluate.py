@@ -26,15 +26,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VOCAB = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids spinning against other work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_model():
     sd = random_checkpoint(n_layer=2, n_embd=64, vocab_size=VOCAB, seed=3)

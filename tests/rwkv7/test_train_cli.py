@@ -24,15 +24,6 @@ N_SAMPLES, MICRO_BSZ = 12, 4  # 3 batches per epoch
 FAST = {"ctx_len": 40, "micro_bsz": MICRO_BSZ, "lr_init": 0.5, "lr_final": 0.05, "warmup_steps": 2,
         "ckpt_every_n_steps": 1, "progress_bar": False, "seed": 1}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids spinning against other work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 layers, C=64, the World vocabulary (65536), so real tokenizer ids fit."""

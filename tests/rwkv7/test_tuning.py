@@ -18,15 +18,6 @@ from rwkv7.tuning import OptimSettings, StateTuner, lr_at
 VOCAB = 256
 FIRST_TOKEN = 1  # every text starts like a dialogue starts ("User"), so a state can prepare for it
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids spinning against other work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0) -> RWKV7:
     sd = random_checkpoint(n_layer=2, n_embd=64, vocab_size=VOCAB, seed=seed)
     return build_model(sd, inspect_checkpoint(sd))

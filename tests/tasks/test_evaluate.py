@@ -45,15 +45,6 @@ def _write_dialogues(path: Path, pairs: list[tuple[str, str]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids spinning against other work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Train a 2-epoch prompt-distillation state on a tiny model, then run `python -m tasks.evaluate`."""

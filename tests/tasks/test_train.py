@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from rwkv7.checkpoint import random_checkpoint, save_checkpoint
 from rwkv7.train import TrainParams
@@ -14,15 +13,6 @@ from tasks.common import load_section
 from tasks.train import main
 
 REPO = Path(__file__).resolve().parents[2]
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids spinning against other work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
