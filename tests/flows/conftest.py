@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from server_process import start_server, stop  # noqa: E402
 from synthetic_project import make_project  # noqa: E402
 
+DRAIN_TIMEOUT_S = 10
 SERVER_START_TIMEOUT_S = 180  # a fresh SQLite database is migrated first: ~6 s idle, much more on a busy box
 
 
@@ -36,11 +37,16 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     This process's Prefect client points at it for the whole session.
     """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     proc, url = start_server(tmp_path_factory.mktemp("prefect-server-home"), SERVER_START_TIMEOUT_S)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+            # send the buffered run logs and events while the server is still up
+            APILogWorker.drain_all(timeout=DRAIN_TIMEOUT_S)
+            EventsWorker.drain_all(timeout=DRAIN_TIMEOUT_S)
     finally:
         stop(proc)

@@ -4,7 +4,8 @@
                        └──> right ──┴──> join          (right also reads params `right.n`)
 
 Every stage command appends `<stage> <start> <end>` to `runs.log` (not a DVC output), so a test can tell a
-stage that really ran from one DVC restored from its run-cache. `make` writes a stats JSON declared as metrics.
+stage that really ran from one DVC restored from its run-cache. `make` writes a stats JSON declared as metrics
+and prints a progress line ("file 1/1").
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _stage_cmd(stage: str, body: str) -> str:
 DVC_YAML = f"""\
 stages:
   make:
-    cmd: {_stage_cmd("make", "open('a.txt', 'w').write('a' * p['make']['n']); import json; "
+    cmd: {_stage_cmd("make", "print('file 1/1'); open('a.txt', 'w').write('a' * p['make']['n']); import json; "
                      "open('stats/make.json', 'w').write(json.dumps(dict(stage='make', read=0, written=p['make']['n'], "
                      "dropped_total=0, seconds=0.0)))")}
     deps: [sources.json]

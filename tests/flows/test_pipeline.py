@@ -34,7 +34,8 @@ def test_flow_then_cli_then_flow_agree_and_artifacts(project: Path) -> None:
     assert "up to date" in dvc(project, "status")
     assert "Data and pipelines are up to date" in dvc(project, "repro")
     by_key = artifacts_of(state.state_details.flow_run_id)
-    assert {"stage-results", "metrics"} <= set(by_key)
+    assert {"stage-results", "metrics", "progress-make"} <= set(by_key)
+    assert float(by_key["progress-make"].data) == 100.0
     rows = json.loads(by_key["stage-results"].data)
     assert {r["stage"]: (r["outcome"], r["written"]) for r in rows}["make"] == ("ran", 1)
     assert "| written | 1 |" in by_key["metrics"].data
