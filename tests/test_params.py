@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
 
+from flows.params_file import set_params
+from flows.pipeline import PARAMS_KEYS, PipelineSettings
+from flows.stages import dvc_env, stage_plan
 from tasks.common import load_section, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +71,6 @@ def test_refresh_cron_is_five_fields() -> None:
 
 def test_flow_form_fields_are_real_params_keys(tmp_path: Path) -> None:
     """Every Prefect form field writes a key its stage model accepts (extra keys are rejected there)."""
-    from flows.params_file import set_params
-    from flows.pipeline import PARAMS_KEYS, PipelineSettings
-
     values = {"sources": ["samples/media"], "model_path": "models/x.pth", "epochs": 2, "max_steps": 5,
               "augment_provider": "gemini", "augment_target": 10}
     assert set(values) == set(PipelineSettings.model_fields) == set(PARAMS_KEYS)
@@ -78,3 +81,12 @@ def test_flow_form_fields_are_real_params_keys(tmp_path: Path) -> None:
         module, name = spec.split(":")
         load_section(getattr(importlib.import_module(module), name), section, params)
     assert read_params(params)["model"]["path"] == "models/x.pth"
+
+
+def test_flow_plan_of_the_real_pipeline_equals_dvc_dag() -> None:
+    dot = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot"], cwd=ROOT, env=dvc_env(),
+                         capture_output=True, text=True, check=True).stdout
+    plan = stage_plan(ROOT)
+    assert set(plan.order) == set(re.findall(r'^"([^"]+)";$', dot, re.M)) == set(dvc_stages())
+    assert plan.edges() == set(re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M))
+    assert plan.order.index("train") > max(plan.order.index(s) for s in ("dedupe", "base_model"))
