@@ -1,16 +1,18 @@
-"""Atomic file writes: a crash never leaves a half-written dataset, state or report.
+"""Files: atomic writes (a crash never leaves a half-written dataset, state or report) and content hashes.
 
 Every writer in the project goes through `atomic_path`: it yields a temporary path in the destination's
 directory (same filesystem, so the final `os.replace` is atomic) and renames it into place only when the
 block finishes without an exception.
 
->>> with atomic_path("out/state.pth") as tmp:
-...     torch.save(tensors, tmp)          # doctest: +SKIP
+>>> with atomic_path("out/data.bin") as tmp:
+...     tmp.write_bytes(payload)          # doctest: +SKIP
+>>> save_torch(tensors, "out/state.pth")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +24,7 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+HASH_CHUNK_BYTES = 1 << 24
 
 
 @contextlib.contextmanager
@@ -38,6 +41,27 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_torch(obj: Any, dest: str | os.PathLike[str]) -> None:
+    """`torch.save` atomically, with bytes that depend only on `obj`.
+
+    Given a path, torch names the zip archive's top folder after the file, and our temp names are random;
+    through an open file handle it names the folder `archive`, so equal tensors give equal files (DVC hashes them).
+    """
+    import torch  # here, so the tokenizer and other torch-free users of this module don't load torch
+
+    with atomic_path(dest) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (checkpoints can be several GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text(dest: str | os.PathLike[str], text: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rwkv7.atomic import atomic_path
+from rwkv7.atomic import save_torch
 
 HEAD_SIZE = 64
 WORLD_VOCAB_SIZE = 65536
@@ -248,7 +248,6 @@ def random_checkpoint(n_layer: int, n_embd: int, vocab_size: int = WORLD_VOCAB_S
 
 
 def save_checkpoint(sd: dict[str, Tensor], path: str | os.PathLike[str]) -> None:
-    """Validate `sd` as x070 and write it atomically with `torch.save` (CPU, contiguous tensors)."""
+    """Validate `sd` as x070 and write it atomically (CPU, contiguous tensors); equal tensors give equal bytes."""
     inspect_checkpoint(sd, source=str(path))
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp)
+    save_torch({k: v.detach().cpu().contiguous() for k, v in sd.items()}, path)

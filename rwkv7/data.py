@@ -18,7 +18,6 @@ groups samples of similar length (sort within a seeded shuffled window) so paddi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections import Counter
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from rwkv7.atomic import file_sha256  # noqa: F401  (part of this module's API: train/evaluate hash data)
 from rwkv7.jsonl import read_jsonl
 from rwkv7.template import Segment, TemplateError, render, segment_text
 
@@ -171,14 +171,6 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise DatasetError(f"{path}: training data file not found")
     return read_jsonl(path, DatasetError)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bucket_batches(lengths: Sequence[int], micro_bsz: int, seed: int, epoch: int, window_batches: int

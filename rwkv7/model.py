@@ -13,7 +13,6 @@ Shapes: B batch, T time, C = n_embd, H heads, N = head size (64), V vocab, L lay
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rwkv7.atomic import file_sha256
 from rwkv7.checkpoint import ModelConfig, load_checkpoint
 from rwkv7.state import RWKVState
 from rwkv7.wkv import wkv7
@@ -29,7 +29,6 @@ from rwkv7.wkv import wkv7
 LN_EPS = 1e-5
 LN_X_EPS = 64e-5  # GroupNorm over heads on the WKV output (BlinkDL: 1e-5 * head_size)
 W_LOG_DECAY_MIN = -math.exp(-0.5)  # log decay = W_LOG_DECAY_MIN * sigmoid(...), so decay in (0.545, 1)
-_HASH_CHUNK = 1 << 24
 
 
 def token_shift(x: Tensor, shift: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -193,11 +192,7 @@ class RWKV7(nn.Module):
         if self.source is None:
             return None
         if self._source_sha256 is None:
-            digest = hashlib.sha256()
-            with open(self.source, "rb") as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    digest.update(chunk)
-            self._source_sha256 = digest.hexdigest()
+            self._source_sha256 = file_sha256(self.source)
         return self._source_sha256
 
 

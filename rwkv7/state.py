@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rwkv7.atomic import atomic_path, write_json
+from rwkv7.atomic import save_torch, write_json
 from rwkv7.tokenizer import TOKENIZER_ID
 
 if TYPE_CHECKING:
@@ -132,8 +132,7 @@ def save_state(path: str | os.PathLike[str], wkv: Tensor, meta: dict[str, Any] |
     sidecar = {"format_version": STATE_FORMAT_VERSION, "kind": STATE_KIND, "state_file": path.name,
                "base_model": base_model_info(model) if model is not None else None,
                "tokenizer": TOKENIZER_ID, "metadata": meta or {}}
-    with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)
+    save_torch(tensors, path)
     write_json(sidecar_path(path), sidecar)
     return sidecar_path(path)
 

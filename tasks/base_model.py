@@ -14,7 +14,6 @@ ignored.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -22,12 +21,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-import torch
-from torch import Tensor
 
-from rwkv7.atomic import atomic_path
-from rwkv7.checkpoint import (HEAD_SIZE, WORLD_VOCAB_SIZE, CheckpointError, inspect_checkpoint, load_checkpoint,
-                              random_checkpoint)
+from rwkv7.atomic import atomic_path, file_sha256
+from rwkv7.checkpoint import (HEAD_SIZE, WORLD_VOCAB_SIZE, CheckpointError, load_checkpoint,
+                              random_checkpoint, save_checkpoint)
 from tasks.common import ParamsError, StageStats, load_section
 
 
@@ -65,30 +62,15 @@ def copy_pretrained(src: Path, out: Path, pinned: str | None) -> dict[str, objec
     if not src.is_file():
         raise PretrainedMismatchError(f"{src}: base_model.pretrained checkpoint not found")
     want = expected_sha256(src, pinned)
-    digest = hashlib.sha256()
-    with src.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != want:
-        raise PretrainedMismatchError(f"{src}: sha256 {digest.hexdigest()} != expected {want} (corrupt copy, or an "
+    got = file_sha256(src)
+    if got != want:
+        raise PretrainedMismatchError(f"{src}: sha256 {got} != expected {want} (corrupt copy, or an "
                                       "LFS pointer instead of the file?)")
     sd, cfg = load_checkpoint(src)
     with atomic_path(out) as tmp:
         shutil.copyfile(src, tmp)
     return {"pretrained": str(src), "sha256": want, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
             "vocab_size": cfg.vocab_size, "parameters": sum(t.numel() for t in sd.values())}
-
-
-def write_checkpoint_bytes_stable(sd: dict[str, Tensor], out: Path) -> None:
-    """Validate and save `sd` so equal tensors give equal bytes.
-
-    `torch.save(obj, path)` names the zip archive's top folder after the file, and atomic writes use a random
-    temp name, so `rwkv7.checkpoint.save_checkpoint` output differs run to run; through an open file handle
-    torch names it `archive` instead.
-    """
-    inspect_checkpoint(sd, source=str(out))
-    with atomic_path(out) as tmp, tmp.open("wb") as f:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, f)
 
 
 def build_base_model(out: Path, p: BaseModelParams, stats_path: Path | None = None) -> dict[str, object]:
@@ -99,7 +81,7 @@ def build_base_model(out: Path, p: BaseModelParams, stats_path: Path | None = No
         stats.written = 1
         return stats.save(stats_path) if stats_path else stats.as_dict()
     sd = random_checkpoint(n_layer=p.n_layer, n_embd=p.n_embd, vocab_size=p.vocab_size, seed=p.seed)
-    write_checkpoint_bytes_stable(sd, out)
+    save_checkpoint(sd, out)
     stats.written = 1
     stats.extra.update(n_layer=p.n_layer, n_embd=p.n_embd, vocab_size=p.vocab_size,
                        parameters=sum(t.numel() for t in sd.values()), bytes=out.stat().st_size)

@@ -35,7 +35,7 @@ import av
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from rwkv7.atomic import atomic_path, write_text
+from rwkv7.atomic import atomic_path, file_sha256, write_text
 from tasks.common import DataError, ParamsError, StageStats, load_section, write_json
 from tasks.download import MEDIA_EXTENSIONS
 
@@ -51,7 +51,6 @@ BUNDLED_MODEL_BIN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492
 MODEL_FILES = ("model.bin", "config.json")  # CTranslate2 needs both; the tokenizer may be json or vocabulary
 SIDECAR_FORMAT = "statetune-transcript/1"
 CACHE_VERSION = 1
-HASH_CHUNK_BYTES = 1 << 20
 MS_PER_SECOND = 1000
 WRITTEN_OUTCOMES = ("transcribed", "cache_hits", "subtitles_passed_through")
 
@@ -174,14 +173,6 @@ def model_fingerprint(model: Path | str, cache_dir: Path) -> str:
         if f.is_file() and f.name != "model.bin":
             others.update(f"{f.name}\0{file_sha256(f)}\0".encode())
     return f"dir:{memo[key]}:{others.hexdigest()}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pick_device(device: str, compute_type: str) -> tuple[str, str]:

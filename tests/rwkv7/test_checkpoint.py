@@ -90,3 +90,10 @@ def test_legacy_non_zip_torch_file_still_loads(tmp_path):
     path = tmp_path / "legacy.pth"
     torch.save(random_checkpoint(**SMALL), path, _use_new_zipfile_serialization=False)
     assert load_checkpoint(path)[1].n_layer == 2
+
+
+def test_save_checkpoint_bytes_depend_only_on_the_tensors(tmp_path: Path) -> None:
+    sd = random_checkpoint(n_layer=1, n_embd=64, vocab_size=256, seed=1)
+    save_checkpoint(sd, tmp_path / "a.pth")
+    save_checkpoint(sd, tmp_path / "b.pth")  # other name, other random temp file
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
