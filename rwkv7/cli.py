@@ -4,7 +4,8 @@
     statetune generate --model M [--state S] --prompt "Who are you?" [--raw]
 
 Bad files (missing, truncated, not RWKV-7, a state for another model) end with exit code 2 and a message
-naming the file. Other commands (e.g. `train`) are added to `app` by their own modules.
+naming the file. `train` and `eval` are thin commands over `rwkv7.train.train_state` and
+`rwkv7.evaluate.run_evaluation`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ from rwkv7.state import RWKVState, StateFileError, load_state
 from rwkv7.template import render_text
 from rwkv7.tokenizer import WorldTokenizer
 
-app = typer.Typer(help="statetune: tune and use RWKV-7 states.", no_args_is_help=True, add_completion=False)
+# Paragraphs are single strings: rich re-wraps help text to the terminal, so hard line breaks would show.
+APP_HELP = "\n\n".join([
+    "statetune: tune and use RWKV-7 states.",
+    "A state is the initial WKV state of every layer of a frozen RWKV-7 model: trained on a character's "
+    "dialogues, it acts like a system prompt you never have to send. Typical use:",
+    "statetune train --model rwkv7-g1a-0.1b.pth --data train.jsonl --out runs/x",
+    "statetune eval --model rwkv7-g1a-0.1b.pth --val val.jsonl --runs runs/x --out reports",
+    "statetune chat --model rwkv7-g1a-0.1b.pth --state reports/best-state.pth",
+    "State files are RWKV-Runner's format (one blocks.{i}.att.time_state per layer) with a JSON sidecar naming "
+    "the base model. The whole pipeline (download, transcribe, clean, augment, dedupe, train, evaluate) runs with "
+    "`make demo`, `dvc repro` or from the Prefect UI (`make ui`); see README.md.",
+])
+app = typer.Typer(help=APP_HELP, no_args_is_help=True, add_completion=False)
 
 EXIT_BAD_INPUT = 2
 CHAT_QUIT = ("/quit", "/exit")
