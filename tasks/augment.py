@@ -18,7 +18,6 @@ stats saying why; `fail`: exit with that message).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,8 +34,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.common import (DataError, ParamsError, StageStats, content_id, load_section, read_jsonl, write_json,
-                          write_jsonl)
+from tasks.common import (DataError, ParamsError, StageStats, content_id, load_section, read_jsonl, stage_parser,
+                          write_json, write_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -477,17 +476,15 @@ def augment(seeds_path: Path, style_paths: list[Path], out_path: Path, stats_pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.augment", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: augment)")
+    ap = stage_parser("augment", __doc__)
     ap.add_argument("--seeds", type=Path, required=True, help="seed dialogues jsonl (few-shot examples)")
     ap.add_argument("--in", dest="style", type=Path, action="append", default=[],
                     help="dialogues jsonl used as style examples (repeatable, optional)")
     ap.add_argument("--out", type=Path, required=True, help="augmented dialogues jsonl to write")
     ap.add_argument("--stats", type=Path, required=True, help="stats JSON to write")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_section(AugmentParams, "augment", args.params)
     try:
+        params = load_section(AugmentParams, "augment", args.params)
         stats = augment(args.seeds, args.style, args.out, args.stats, params)
     except (AugmentError, DataError, ParamsError, OSError) as e:
         raise SystemExit(f"augment: {e}") from None

@@ -13,7 +13,6 @@ ignored.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rwkv7.atomic import atomic_path, file_sha256
 from rwkv7.checkpoint import (HEAD_SIZE, WORLD_VOCAB_SIZE, CheckpointError, load_checkpoint,
                               random_checkpoint, save_checkpoint)
-from tasks.common import ParamsError, StageStats, load_section
+from tasks.common import ParamsError, StageStats, load_section, stage_parser
 
 
 class BaseModelParams(BaseModel):
@@ -89,8 +88,7 @@ def build_base_model(out: Path, p: BaseModelParams, stats_path: Path | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.base_model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: base_model)")
+    ap = stage_parser("base_model", __doc__)
     ap.add_argument("--out", type=Path, required=True, help="checkpoint .pth to write")
     ap.add_argument("--stats", type=Path, help="stats JSON to write")
     args = ap.parse_args(argv)

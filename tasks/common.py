@@ -7,8 +7,10 @@ counts read / written / dropped by reason and seconds taken.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -42,6 +44,15 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping of stage sections")
     return data
+
+
+def stage_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser every `python -m tasks.<stage>` starts from: the module docstring's first paragraph as its
+    description and the `--params` option; also sends INFO logs to stderr as `LEVEL logger: message`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help=f"params file (section: {stage})")
+    return parser
 
 
 def load_section(model: type[P], section: str, path: str | Path = DEFAULT_PARAMS) -> P:

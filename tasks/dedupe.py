@@ -20,7 +20,6 @@ its synthetic copies.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import re
@@ -36,7 +35,7 @@ from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field
 from rapidfuzz import fuzz
 
-from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, write_jsonl
+from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, stage_parser, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +189,7 @@ def dedupe(inputs: Sequence[Path], train_path: Path, val_path: Path, report_path
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.dedupe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: dedupe)")
+    ap = stage_parser("dedupe", __doc__)
     ap.add_argument("--in", dest="inputs", type=Path, action="append", required=True,
                     help="dialogue jsonl (repeatable; order breaks ties within one origin)")
     ap.add_argument("--train", type=Path, required=True, help="train jsonl to write")
@@ -199,9 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", type=Path, required=True, help="jsonl of dropped records and why")
     ap.add_argument("--stats", type=Path, required=True, help="stats JSON to write")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_section(DedupeParams, "dedupe", args.params)
     try:
+        params = load_section(DedupeParams, "dedupe", args.params)
         stats = dedupe(args.inputs, args.train, args.val, args.report, args.stats, params)
     except (DataError, ParamsError, OSError) as e:
         raise SystemExit(f"dedupe: {e}") from None

@@ -21,7 +21,6 @@ adds a short hash when it had to change anything, so distinct ids stay distinct.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from yt_dlp.extractor import gen_extractor_classes
 from yt_dlp.utils import YoutubeDLError, parse_bytes
 
 from rwkv7.atomic import atomic_path, write_text
-from tasks.common import DataError, ParamsError, StageStats, load_section, write_json
+from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser, write_json
 
 log = logging.getLogger(__name__)
 
@@ -487,14 +486,12 @@ def list_sources(sources: list[str], p: DownloadParams) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.download", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: download)")
+    ap = stage_parser("download", __doc__)
     ap.add_argument("--out", type=Path, required=True,
                     help="media folder to fill; with --list-only, the JSON file of media ids to write")
     ap.add_argument("--stats", type=Path, help="stats JSON to write")
     ap.add_argument("--list-only", action="store_true", help="list the sources' media ids, download nothing")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_section(DownloadParams, "download", args.params)
         if args.list_only:

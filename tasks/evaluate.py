@@ -13,7 +13,6 @@ OpenAI-compatible endpoint; augment's native Gemini provider is fixed to its dia
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from rwkv7.data import DatasetError
 from rwkv7.evaluate import EvaluateParams, EvaluationError, Generation, Judge, JudgeParams, run_evaluation
 from rwkv7.state import StateFileError
 from tasks.augment import AugmentError, AugmentParams, ProviderUnavailable, TransientError, make_provider
-from tasks.common import DataError, ParamsError, StageStats, load_section
+from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +115,13 @@ def evaluate(model_path: Path, val_path: Path, runs_dir: Path, out_dir: Path, p:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: evaluate)")
+    ap = stage_parser("evaluate", __doc__)
     ap.add_argument("--model", type=Path, required=True, help="base model .pth (BlinkDL RWKV-7)")
     ap.add_argument("--val", type=Path, required=True, help="validation jsonl")
     ap.add_argument("--runs", type=Path, required=True, help="training run folder (state-epoch<N>.pth, state.pth)")
     ap.add_argument("--out", type=Path, required=True, help="report folder to write")
     ap.add_argument("--stats", type=Path, default=None, help="stats JSON (default: <out>/stats.json)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_section(EvaluateParams, "evaluate", args.params)
         stats = evaluate(args.model, args.val, args.runs, args.out, params, args.stats)

@@ -21,7 +21,6 @@ Speaker strategies (`speaker_strategy`, one small function each, picked by name 
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import fnmatch
 import re
@@ -35,7 +34,7 @@ from typing import Any, Literal
 import pysrt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.common import DataError, ParamsError, StageStats, content_id, load_section, write_jsonl
+from tasks.common import DataError, ParamsError, StageStats, content_id, load_section, stage_parser, write_jsonl
 
 Role = Literal["user", "assistant"]
 Strategy = Literal["auto", "tags", "alternating", "monologue"]
@@ -531,8 +530,7 @@ def srt_to_jsonl(inputs: Sequence[Path], out: Path, stats_path: Path, params: Sr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.srt_to_jsonl", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml (section srt_to_jsonl)")
+    parser = stage_parser("srt_to_jsonl", __doc__)
     parser.add_argument("--in", dest="inputs", type=Path, action="append", required=True,
                         help="a directory searched recursively for .srt files, or one .srt file (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="output jsonl of dialogue records")

@@ -11,7 +11,6 @@ used, truncated, dropped by reason, steps, loss and real tokens/s.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from rwkv7.checkpoint import CheckpointError
 from rwkv7.data import DatasetError
 from rwkv7.state import StateFileError
 from rwkv7.train import TrainingError, TrainParams, train_state
-from tasks.common import DataError, ParamsError, StageStats, load_section
+from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser
 
 log = logging.getLogger("tasks.train")
 
@@ -45,15 +44,13 @@ def run(model_path: Path, data_path: Path, out_dir: Path, params: TrainParams, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: train)")
+    ap = stage_parser("train", __doc__)
     ap.add_argument("--model", type=Path, required=True, help="base model .pth (BlinkDL RWKV-7)")
     ap.add_argument("--data", type=Path, required=True, help="training jsonl (dialogue records or {\"text\"} lines)")
     ap.add_argument("--out", type=Path, required=True, help="run folder to write")
     ap.add_argument("--stats", type=Path, default=None, help="stats JSON (default: <out>/stats.json)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.ckpt")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_section(TrainParams, "train", args.params)
         stats = run(args.model, args.data, args.out, params, args.stats, args.resume)

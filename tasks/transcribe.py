@@ -19,7 +19,6 @@ not even load the model when nothing did.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import importlib.metadata
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rwkv7.atomic import atomic_path, file_sha256, write_text
-from tasks.common import DataError, ParamsError, StageStats, load_section, write_json
+from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser, write_json
 from tasks.download import MEDIA_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -392,13 +391,11 @@ def _load(model_path: Path | str, device: str, compute_type: str, cpu_threads: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.transcribe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: transcribe)")
+    ap = stage_parser("transcribe", __doc__)
     ap.add_argument("--media", type=Path, required=True, help="media folder (the download stage's output)")
     ap.add_argument("--out", type=Path, required=True, help="folder for <stem>.srt + <stem>.json")
     ap.add_argument("--stats", type=Path, help="stats JSON to write")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_section(TranscribeParams, "transcribe", args.params)
         stats = transcribe(args.media, args.out, params, args.stats)

@@ -13,7 +13,6 @@ Input and output are dialogue records (`{"id", "messages", "source"}` jsonl). Th
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections import Counter
@@ -25,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rapidfuzz import fuzz
 
-from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, write_jsonl
+from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, stage_parser, write_jsonl
 
 Role = Literal["system", "user", "assistant"]
 CONTEXT_CHARS = 40
@@ -255,8 +254,7 @@ def typo_fix(in_path: Path, out: Path, review_path: Path, stats_path: Path, para
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.typo_fix", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml (section typo_fix)")
+    parser = stage_parser("typo_fix", __doc__)
     parser.add_argument("--in", dest="in_path", type=Path, required=True, help="input dialogue jsonl")
     parser.add_argument("--out", type=Path, required=True, help="output dialogue jsonl")
     parser.add_argument("--review", type=Path, required=True, help="output review jsonl (nothing auto-fixed)")
