@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from rwkv7.atomic import file_sha256  # noqa: F401  (part of this module's API: train/evaluate hash data)
 from rwkv7.jsonl import read_jsonl
 from rwkv7.template import Segment, TemplateError, render, segment_text
 

@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from rwkv7 import report
-from rwkv7.data import Sample, file_sha256, load_samples, pad_collate
+from rwkv7.atomic import file_sha256
+from rwkv7.data import Sample, load_samples, pad_collate
 from rwkv7.generate import SamplingParams, complete
 from rwkv7.model import RWKV7, load_model
 from rwkv7.state import RWKVState, load_state, read_state_file, save_state

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -32,11 +32,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rwkv7.atomic import atomic_path, write_json, write_text
-from rwkv7.data import BucketBatchSampler, file_sha256, load_samples, pack_collate, pad_collate
+from rwkv7.atomic import atomic_path, file_sha256, write_json, write_text
+from rwkv7.data import BucketBatchSampler, load_samples, pack_collate, pad_collate
 from rwkv7.model import RWKV7, load_model
 from rwkv7.quant import QuantizationError, check_precision, quantize_model
 from rwkv7.state import save_state
+from rwkv7.template import render_text
 from rwkv7.tokenizer import WorldTokenizer
 from rwkv7.tuning import NonFiniteLossError, OptimSettings, StateTuner
 
@@ -87,7 +88,8 @@ class TrainParams(BaseModel):
         "bf16", description="frozen Linear weights: bf16 (float32 on CPU), or int8 / nf4 via bitsandbytes (CUDA only)")
     devices: int = Field(1, ge=1, description="GPUs (processes on CPU) to train on; >1 runs Lightning DDP with a "
                                               "global batch of micro_bsz × devices and the state's gradient averaged")
-    distill_prompt: str | None = Field(None, description="train the state to act like this prompt (KL loss)")
+    distill_prompt: str | None = Field(None, description="train the state to act like the model reading this system "
+                                       "prompt, rendered as a `System:` turn like evaluate's prompt baseline (KL loss)")
     tensorboard: bool = False
     progress_bar: bool = True
 
@@ -179,7 +181,8 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
     if params.warmup_steps >= total_steps:
         warnings.warn(f"warmup_steps={params.warmup_steps} ≥ {total_steps} planned steps: the learning rate never "
                       f"reaches lr_init={params.lr_init}", stacklevel=2)
-    distill = encode(params.distill_prompt) if params.distill_prompt else None
+    distill = (encode(render_text([{"role": "system", "content": params.distill_prompt}]))
+               if params.distill_prompt else None)
     module = StateTuner(model, _optim(params, total_steps), sampler, distill)
     meta = {"training": params.model_dump(), "data": {"file": data_path.name, "sha256": data_sha}}
     trainer = _trainer(params, device, out_dir, total_steps, steps_per_epoch,

@@ -15,7 +15,6 @@ import torch
 from rwkv7.checkpoint import random_checkpoint, save_checkpoint
 from rwkv7.model import load_model
 from rwkv7.state import load_state, read_state_file
-from rwkv7.template import render
 from rwkv7.train import TrainParams, train_state
 from tasks.common import ParamsError, load_section
 from rwkv7.evaluate import DEFAULT_SYSTEM_PROMPT, EvaluateParams, Generation, JudgeParams
@@ -53,11 +52,10 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_checkpoint(random_checkpoint(n_layer=2, n_embd=64, seed=0), model)
     _write_dialogues(root / "train.jsonl", DIALOGUES)
     _write_dialogues(root / "val.jsonl", DIALOGUES[:3])
-    system_turn = render([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}])[0].text
     # lr 0.05: the tutorial's lr 1.0 overshoots on a random 2-layer model (KL to the prompt first rises)
     train_state(model, root / "train.jsonl", root / "runs" / "train",
                 TrainParams(epochs=3, micro_bsz=3, ctx_len=64, lr_init=0.05, lr_final=0.005, warmup_steps=0,
-                            distill_prompt=system_turn, progress_bar=False))
+                            distill_prompt=DEFAULT_SYSTEM_PROMPT, progress_bar=False))
     params = root / "params.yaml"
     params.write_text(EVAL_PARAMS.format(prompt=DEFAULT_SYSTEM_PROMPT), encoding="utf-8")
     main(["--params", str(params), "--model", str(model), "--val", str(root / "val.jsonl"),
