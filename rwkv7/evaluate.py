@@ -56,6 +56,7 @@ DEFAULT_MARKERS = ("NEGA", "grammar", "Great question")
 DEFAULT_MAX_TOKENS = 120
 DEFAULT_CTX_LEN = 512
 EPOCH_STATE = re.compile(r"^state-epoch(\d+)\.pth$")
+PEFT_EPOCH_STATE = re.compile(r"^rwkv-(\d+)\.pth$")  # RWKV-PEFT's names: 0-based epochs
 FINAL_STATE = "state.pth"
 BEST_STATE = "best-state.pth"
 JUDGE_OFF = "LLM judge: off (`evaluate.judge.provider: none`); every measure above is computed offline."
@@ -333,15 +334,23 @@ class EvaluationError(RuntimeError):
 
 
 def find_states(runs_dir: Path) -> list[tuple[str, int | None, Path]]:
-    """Trained states of a run folder as (variant name, epoch, path): epochs ascending, then "final"."""
+    """Trained states of a run folder as (variant name, epoch, path): epochs ascending, then "final".
+
+    Our runs name epoch states `state-epoch<N>.pth` (1-based); a folder of RWKV-PEFT state files
+    (`rwkv-<N>.pth`, 0-based) is read as epochs N+1, so the two kinds of run compare epoch for epoch.
+    """
     if not runs_dir.is_dir():
         raise EvaluationError(f"{runs_dir}: training run folder not found (run the train stage first)")
     epochs = sorted((int(m.group(1)), p) for p in runs_dir.iterdir() if (m := EPOCH_STATE.match(p.name)))
+    if not epochs:
+        epochs = sorted((int(m.group(1)) + 1, p) for p in runs_dir.iterdir()
+                        if (m := PEFT_EPOCH_STATE.match(p.name)))
     found: list[tuple[str, int | None, Path]] = [(f"epoch_{n}", n, p) for n, p in epochs]
     if (runs_dir / FINAL_STATE).is_file():
         found.append(("final", None, runs_dir / FINAL_STATE))
     if not found:
-        raise EvaluationError(f"{runs_dir}: no trained state ({FINAL_STATE} or state-epoch<N>.pth)")
+        raise EvaluationError(f"{runs_dir}: no trained state ({FINAL_STATE}, state-epoch<N>.pth or RWKV-PEFT's "
+                              "rwkv-<N>.pth)")
     return found
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
 from rwkv7.data import Sample
-from rwkv7.evaluate import (Generation, LossScore, VariantResult, behaviour, consume, distinct_n,
-                            generate_responses, marker_hits, pick_best, score, score_many, words)
+from rwkv7.evaluate import (EvaluationError, Generation, LossScore, VariantResult, behaviour, consume, distinct_n,
+                            find_states, generate_responses, marker_hits, pick_best, score, score_many, words)
 from rwkv7.generate import SamplingParams
 from rwkv7.model import build_model
 from rwkv7.report import (ReportError, ReportInputs, metrics, plot_training_curves, plot_val_loss, read_curves,
@@ -230,3 +230,20 @@ def test_score_many_on_cuda_matches_cpu():
         assert got[name].n_tokens == want[name].n_tokens
         assert got[name].loss == pytest.approx(want[name].loss, rel=2e-2)
     assert got["zero"].kl == pytest.approx(want["zero"].kl, rel=0.2, abs=1e-3)
+
+
+def test_find_states_reads_our_epochs_and_rwkv_peft_runs(tmp_path: Path) -> None:
+    ours, peft = tmp_path / "ours", tmp_path / "peft"
+    for folder, names in ((ours, ["state-epoch2.pth", "state-epoch10.pth", "state.pth", "notes.txt"]),
+                          (peft, ["rwkv-0.pth", "rwkv-1.pth", "rwkv-final.pth"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"")
+    assert [(name, epoch, p.name) for name, epoch, p in find_states(ours)] == [
+        ("epoch_2", 2, "state-epoch2.pth"), ("epoch_10", 10, "state-epoch10.pth"), ("final", None, "state.pth")]
+    # RWKV-PEFT counts epochs from 0: rwkv-0.pth is the state after the first epoch
+    assert [(name, epoch, p.name) for name, epoch, p in find_states(peft)] == [
+        ("epoch_1", 1, "rwkv-0.pth"), ("epoch_2", 2, "rwkv-1.pth")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match="rwkv-<N>.pth"):
+        find_states(tmp_path / "empty")
