@@ -351,9 +351,11 @@ def transcribe(media_dir: Path, out_dir: Path, p: TranscribeParams,
     audio_s = decode_s = 0.0
     with _progress() as progress:
         task = progress.add_task("", total=len(files))
-        for media in files:
+        for i, media in enumerate(files, 1):
             progress.update(task, description=media.name)
             outcome, audio, spent = transcribe_one(media, out_dir, p, cache, model)
+            # one line per file: the bar is invisible off a terminal; the Prefect flow reads "file i/n" as progress
+            log.info("file %d/%d %s: %s (%.1f s of audio in %.1f s)", i, len(files), media.name, outcome, audio, spent)
             stats.read += 1
             audio_s, decode_s = audio_s + audio, decode_s + spent
             if outcome in counts:
