@@ -11,8 +11,17 @@ import pysrt
 import pytest
 
 from tasks.common import DataError, ParamsError, parse_section
-from tasks.srt_to_jsonl import (Block, Cue, FileReport, Piece, SrtToJsonlParams, Utterance, convert_file, decode_srt,
-                                main, merge_utterances, parse_block, split_blocks, srt_to_jsonl, window_dialogue)
+from tasks.srt_read import Block, Cue, FileReport, decode_srt, parse_block, split_blocks
+from tasks.srt_to_jsonl import (
+    Piece,
+    SrtToJsonlParams,
+    Utterance,
+    convert_file,
+    main,
+    merge_utterances,
+    srt_to_jsonl,
+    window_dialogue,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures" / "srt"
