@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from yt_dlp.extractor import gen_extractor_classes
 from yt_dlp.utils import YoutubeDLError, parse_bytes
 
-from rwkv7.atomic import atomic_path, write_text
+from rwkv7.atomic import atomic_path, file_sha256, write_text
 from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser, write_json
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,15 @@ class ItemCache:
             return None
         return meta if meta.get("format") == CACHE_META_FORMAT and files_ok else None
 
+    def forget(self, stem: str) -> None:
+        """Drop an item's cache entry and its archive lines, so the next fetch downloads it again."""
+        meta = self.meta(stem)
+        (self.items / f"{stem}.json").unlink(missing_ok=True)
+        if meta is not None and self.archive.is_file():
+            stale = {f["archive_id"] for f in meta["files"]}
+            lines = self.archive.read_text(encoding="utf-8").splitlines()
+            write_text(self.archive, "".join(f"{line}\n" for line in lines if line.strip() not in stale))
+
     def reconcile_archive(self) -> None:
         """Drop archive lines whose files are not cached, so yt-dlp does not skip what we no longer have."""
         if not self.archive.is_file():
@@ -396,7 +405,8 @@ def fetch_item(item: Item, p: DownloadParams, cache: ItemCache, stats: StageStat
     if not files:
         _fail(stats, "item_failed", item.url, RuntimeError("yt-dlp returned no file (already in its archive?)"))
         return None
-    meta = {"format": CACHE_META_FORMAT, "source": item.source, "url": item.url, "files": files}
+    meta = {"format": CACHE_META_FORMAT, "source": item.source, "url": item.url, "files": files,
+            "source_sha256": file_sha256(item.local_path) if item.local_path is not None else None}
     write_json(cache.items / f"{item.stem}.json", meta)
     return meta
 
@@ -457,9 +467,14 @@ def download(sources: list[str], out_dir: Path, p: DownloadParams,
     cache.reconcile_archive()
     items = list_items(p, sources, stats)
     stats.read = len(items)
-    metas, downloaded = [], 0
+    metas, downloaded, changed = [], 0, 0
     for item in items:
         meta = cache.meta(item.stem)
+        if meta is not None and item.local_path is not None and (
+                meta.get("source_sha256") != file_sha256(item.local_path)):
+            cache.forget(item.stem)  # the local file was edited since it was cached: take the new one
+            changed += 1
+            meta = None
         if meta is None:
             meta = fetch_item(item, p, cache, stats)
             downloaded += meta is not None
@@ -469,7 +484,7 @@ def download(sources: list[str], out_dir: Path, p: DownloadParams,
     stats.written = len(entries)
     stats.extra.update(
         sources=len(sources), items_downloaded=downloaded, items_restored=len(metas) - downloaded,
-        subtitles=sum(1 for e in entries if e["subtitles"]),
+        local_files_changed=changed, subtitles=sum(1 for e in entries if e["subtitles"]),
     )
     result = stats.save(stats_path) if stats_path else stats.as_dict()
     if sources and not entries and stats.dropped:

@@ -176,6 +176,21 @@ def test_local_directory_file_url_and_sibling_subtitles(tmp_path: Path) -> None:
     assert (out / f"{stem}.srt").read_text() == "1\n00:00:00,500 --> 00:00:02,000\nHello NEGA.\n"
 
 
+def test_an_edited_local_file_replaces_its_cached_copy(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(SAMPLES / "nega-articles.mp4", local / "ep.mp4")
+    out, p = tmp_path / "media", params(tmp_path)
+    assert download([str(local)], out, p)["items_downloaded"] == 1
+    assert download([str(local)], out, p)["items_restored"] == 1  # unchanged: from the cache
+
+    shutil.copy(SAMPLES / "nega-past-tense.mp4", local / "ep.mp4")  # same name, new content
+    stats = download([str(local)], out, p)
+    assert (stats["items_downloaded"], stats["local_files_changed"], stats["dropped_total"]) == (1, 1, 0)
+    assert (out / "generic-ep.mp4").read_bytes() == (SAMPLES / "nega-past-tense.mp4").read_bytes()
+    assert (out / "archive.txt").read_text().splitlines() == ["generic ep"]
+
+
 def test_a_remote_feed_cannot_pull_local_files(server: tuple[str, Path], tmp_path: Path) -> None:
     base, root = server
     secret = tmp_path / "secret.mp4"
