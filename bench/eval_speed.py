@@ -4,6 +4,9 @@ Random-init models of the given shapes score the first N training records the wa
 Run from the repo root after the dedupe stage (or point --data at any dialogue jsonl):
 
     .venv/bin/python bench/eval_speed.py --threads 1 --models 2x128,12x768 --n 24
+    python3 bench/eval_speed.py --device cuda --data samples/seeds.jsonl --models 12x768,24x2048   # on the GPU
+
+On CUDA the model is bf16 (as `tasks.evaluate` loads it there) and WKV runs through fla.
 """
 
 from __future__ import annotations
@@ -31,18 +34,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=24, help="records scored per pass")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = WorldTokenizer()
     samples = load_samples(args.data, tok.encode, ctx_len=512)[0][:args.n]
-    print(f"threads={torch.get_num_threads()} load={os.getloadavg()[0]:.1f} samples={len(samples)} "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, threads={torch.get_num_threads()}"
+    print(f"{where} load={os.getloadavg()[0]:.1f} samples={len(samples)} "
           f"tokens/pass={sum(len(s.ids) - 1 for s in samples)}")
     print("| model | loss tok/s | loss + KL tok/s | generation tok/s |")
     print("|---|---|---|---|")
     for n_layer, n_embd in (tuple(map(int, m.split("x"))) for m in args.models.split(",")):
-        sd = random_checkpoint(n_layer, n_embd, seed=0)
-        model = build_model(sd, inspect_checkpoint(sd))
+        sd = random_checkpoint(n_layer, n_embd, seed=0, device=args.device)
+        model = build_model(sd, inspect_checkpoint(sd), device=args.device)
+        del sd
         prompt = consume(model, tok.encode("System: You are NEGA.\n\n"))
         states = {"prompt": prompt, "state": prompt}  # "prompt" is the reference (no KL); "state" adds the KL pass
         score_many(model, samples[:2], states, args.batch_size, reference="prompt")  # warm-up

@@ -10,14 +10,15 @@
 #   `tar -xzf <files_at>/triton-cache.tgz -C .` and carry .triton next time.
 # Wheels: fla-core 0.6.0 (the fla.ops kernels), bitsandbytes and pyrwkv-tokenizer always; pydantic (+ pydantic-core,
 # annotated-types, typing-inspection, typing-extensions) only when the machine lacks pydantic (rwkv7.train and
-# rwkv7.generate need it; the image listed in KINDS.md has none). flash-linear-attention 0.6.0 (fla.layers/models)
+# rwkv7.generate need it; the image listed in KINDS.md has none), ruamel.yaml likewise (pretrain/ reads its params
+# through tasks.common). flash-linear-attention 0.6.0 (fla.layers/models)
 # is downloaded too but installed only with STATETUNE_FLA_MODELS=1: statetune needs only fla.ops, and its
 # transformers>=5.6.2 requirement would break `import fla` on an image with an older transformers.
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="$REPO/.whl"
 FLA_VERSION=0.6.0
-PYDANTIC=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions)
+PYDANTIC=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions ruamel.yaml==0.19.1)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
 
@@ -38,6 +39,7 @@ install_wheels() {
     wheels+=("$WHEELS"/pydantic-*.whl "$WHEELS"/pydantic_core-*.whl "$WHEELS"/annotated_types-*.whl
              "$WHEELS"/typing_inspection-*.whl "$WHEELS"/typing_extensions-*.whl)
   fi
+  if ! python3 -c "import ruamel.yaml" 2>/dev/null; then wheels+=("$WHEELS"/ruamel_yaml-*.whl); fi  # tasks.common
   for w in "${wheels[@]}"; do
     [ -f "$w" ] || { echo "gpu-env: missing $w (run 'bash bench/gpu-env.sh --download' here and carry .whl)" >&2; return 1; }
   done

@@ -12,13 +12,17 @@
 #       final  all models: (a) bf16, (b) bf16/int8/nf4, (c) bf16 split over the GPUs, then 1.5B (a) DDP
 #       short  two GPUs, a few minutes: 1.5B (a) and (c) on GPU 0, (b) bf16/int8/nf4 then the WKV check on GPU 1,
 #              then 1.5B (a) under DDP
-#       ddp    only the DDP row and its single-GPU twin
+#       ddp    only the DDP row and its single-GPU twin (ROW_ARGS adds options to both, e.g. "--compile on")
+#       speed  two GPUs: GPU 1 pretrains the demo model (pretrain/, PRETRAIN_S s of training; carry pretrain/data),
+#              then the evaluation-cost bench and the WKV check; GPU 0 the 1.5B rows: (a) eager and compiled,
+#              (b) bf16/int8/nf4, (c) eager and compiled
 # SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
 # Writes to $OUT: run.log, gpu_check_wkv.log, train_speed.json, logs.tgz (per-row logs and profiles),
 # triton-cache.tgz (Triton + Inductor caches; unpack here with `tar -xzf …/triton-cache.tgz -C .` and carry
 # .triton next time) or, when that is too large to come back, triton-autotune.tgz (autotune choices only).
 set -uo pipefail
 PLAN="${1:-first}"
+ROW_ARGS="${ROW_ARGS:-}"
 BUDGET="${2:-570}"
 T0=$(date +%s)
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,12 +43,16 @@ stamp() { echo "=== [$(($(date +%s) - T0)) s] $*"; }
 pack_results() {
   stamp "packing results"
   tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
-  if [ -d .triton ]; then
-    tar -czf "$OUT/triton-cache.tgz" .triton
+  if [ -d .triton ]; then  # Triton kernels + autotune choices, and separately Inductor's compiled graphs
+    tar -czf "$OUT/triton-cache.tgz" --exclude=.triton/inductor .triton
     if [ "$(stat -c %s "$OUT/triton-cache.tgz")" -gt "$MAX_BACK" ]; then
       echo "full Triton cache is $(du -h "$OUT/triton-cache.tgz" | cut -f1): keeping only autotune choices"
       rm -f "$OUT/triton-cache.tgz"
       find .triton -name '*.autotune.json' -print0 | tar -czf "$OUT/triton-autotune.tgz" --null -T -
+    fi
+    if [ -d .triton/inductor ]; then
+      tar -czf "$OUT/inductor-cache.tgz" .triton/inductor
+      [ "$(stat -c %s "$OUT/inductor-cache.tgz")" -le "$MAX_BACK" ] || { echo "Inductor cache too large to return"; rm -f "$OUT/inductor-cache.tgz"; }
     fi
   fi
   ls -la "$OUT"
@@ -91,12 +99,34 @@ gpu_tests() {
   echo "GPU tests rc=$? ($(tail -1 "$LOGS/gpu_tests.log"))"
 }
 
+# pretrain_demo GPU SECONDS: the demo model's recipe (pretrain/README.md) with a training-time budget; the
+# gzipped model comes back as $OUT/pretrain-model.pth.gz, its log/loss/meta inside logs.tgz
+pretrain_demo() {
+  local gpu=$1 secs=$2
+  stamp "GPU $gpu: pretraining the demo model (${secs} s of training)"
+  CUDA_VISIBLE_DEVICES=$gpu timeout $((secs + 150)) python3 pretrain/pretrain.py --data pretrain/data \
+    --out /tmp/pretrain --steps 1000000 --time-budget "$secs" > "$LOGS/pretrain.stdout" 2>&1
+  echo "pretrain rc=$? ($(tail -1 "$LOGS/pretrain.stdout"))"
+  if [ -f /tmp/pretrain/model.pth ]; then
+    gzip -c /tmp/pretrain/model.pth > "$OUT/pretrain-model.pth.gz"
+    mkdir -p "$LOGS/pretrain" && cp /tmp/pretrain/*.json /tmp/pretrain/*.csv /tmp/pretrain/*.txt "$LOGS/pretrain/" 2>/dev/null
+  fi
+}
+
+eval_speed() {
+  local gpu=$1
+  stamp "GPU $gpu: evaluation cost"
+  CUDA_VISIBLE_DEVICES=$gpu timeout 150 python3 bench/eval_speed.py --device cuda --data samples/seeds.jsonl \
+    --models 12x768,24x2048 --n 17 > "$OUT/eval_speed.md" 2>&1
+  echo "eval_speed rc=$?"; cat "$OUT/eval_speed.md"
+}
+
 ddp_row() {
   local secs
   secs=$(left)
   stamp "DDP: 1.5B (a) bf16 on $NGPU GPUs"
   [ "$NGPU" -ge 2 ] && [ "$secs" -gt 60 ] || { echo "DDP skipped (GPUs $NGPU, $secs s left)"; return 0; }
-  timeout $((secs - 15)) "${SPEED[@]}" --timeout $((secs - 15)) --models 1.5b --workloads a --devices 2 "$@"
+  timeout $((secs - 15)) "${SPEED[@]}" --timeout $((secs - 15)) --models 1.5b --workloads a --devices 2 $ROW_ARGS
 }
 
 case "$PLAN" in
@@ -106,7 +136,7 @@ case "$PLAN" in
         stamp "GPU 1: memory rows"
         run_on 1 $(($(left) - 110)) --models 1.5b --workloads b --precisions bf16,int8,nf4
         stamp "GPU 1: compiled blocks"
-        run_on 1 $(($(left) - 110)) --models 1.5b --workloads a --compile ) &
+        run_on 1 $(($(left) - 110)) --models 1.5b --workloads a --compile on ) &
       side=$!
     fi
     stamp "GPU 0: 1.5B variants"
@@ -128,7 +158,7 @@ case "$PLAN" in
     wkv_check 0 $(($(left) - 60))
     gpu_tests $(($(left) - 60))
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --grad-cp off
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --compile
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --fla-chunk 16
     ;;
   final)
@@ -154,10 +184,20 @@ case "$PLAN" in
     ddp_row
     ;;
   ddp)
-    run_on 0 $(($(left) - 150)) --models 1.5b --workloads a
+    run_on 0 $(($(left) - 150)) --models 1.5b --workloads a $ROW_ARGS
     ddp_row
     ;;
-  *) echo "unknown plan $PLAN (first | final | ddp)"; exit 2 ;;
+  speed)
+    ( pretrain_demo 1 "${PRETRAIN_S:-300}"
+      eval_speed 1
+      wkv_check 1 $(($(left) - 15)) ) &
+    side=$!
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --compile off,on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --precisions bf16,int8,nf4
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --compile off,on
+    wait "$side"
+    ;;
+  *) echo "unknown plan $PLAN (one | first | final | short | ddp | speed)"; exit 2 ;;
 esac
 
 stamp "summary"

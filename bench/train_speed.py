@@ -24,7 +24,8 @@ and as the whole process's use read by NVML every 10 ms (CUDA context included),
 weights start loading; time to first step from the process start (imports, model load, Triton/compile caches,
 first forward/backward/optimizer step); and the loss of the last step (`final_loss`) and the mean of the last
 five (`loss_last5`). Prints one table last and appends rows to `--json`.
-Variants: `--grad-cp on,off`, `--compile` (torch.compile of each block's two halves), `--fla-chunk 64,16`.
+Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
+`--fla-chunk 64,16`.
 `--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
 On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.
 """
@@ -226,16 +227,6 @@ def load_like_train_state(sd: dict[str, Any], cfg: Any, spec: Spec, codec: Any =
     return model
 
 
-def compile_blocks(model: Any) -> None:
-    """torch.compile each block's time-mix and channel-mix (the WKV kernel stays outside the graphs)."""
-    import torch
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in model.blocks:
-        block.att.forward = torch.compile(block.att.forward, dynamic=None)
-        block.ffn.forward = torch.compile(block.ffn.forward, dynamic=None)
-
-
 def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str, Any]:
     """Measure one row in this process; returns the JSON row."""
     os.environ["STATETUNE_FLA_CHUNK"] = spec.fla_chunk
@@ -245,8 +236,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
     from rwkv7.data import BucketBatchSampler, pack_collate, pad_collate
     from rwkv7.quant import reference_codec
-    from rwkv7.train import ShardBatches, TrainParams, _trainer
-    from rwkv7.tuning import OptimSettings, StateTuner
+    from rwkv7.train import ShardBatches, TrainParams, _optim, _trainer
+    from rwkv7.tuning import StateTuner
 
     cuda = spec.device == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -264,8 +255,6 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     model = load_like_train_state(sd, cfg, spec, codec)
     del sd
     load_s = time.time() - t_load
-    if spec.compile:
-        compile_blocks(model)
     n_batches = spec.steps * spec.devices
     samples = synthetic_samples(w, w.micro_bsz * n_batches, seed=spec.seed + 1, vocab=cfg.vocab_size)
     sampler = BucketBatchSampler([s.n_inputs for s in samples], w.micro_bsz, spec.seed, window_batches=16,
@@ -275,11 +264,9 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     params = TrainParams(ctx_len=w.ctx_len, micro_bsz=w.micro_bsz, max_steps=spec.steps, lr_init=spec.lr,
                          lr_final=spec.lr / 100, grad_cp=spec.grad_cp, loss_chunk=spec.loss_chunk,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
-                         progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices)
-    optim = OptimSettings(lr_init=params.lr_init, lr_final=params.lr_final, total_steps=spec.steps,
-                          warmup_steps=params.warmup_steps, beta1=params.beta1, beta2=params.beta2,
-                          adam_eps=params.adam_eps, loss_chunk=params.loss_chunk, grad_cp=params.grad_cp)
-    module = StateTuner(model, optim, sampler)
+                         progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
+                         compile=spec.compile)
+    module = StateTuner(model, _optim(params, spec.steps), sampler)
     clock: dict[str, float] = {}
 
     class FirstStep(Callback):
@@ -392,10 +379,11 @@ def _versions() -> dict[str, str]:
 def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     grad_cps = [x == "on" for x in split(args.grad_cp)]
+    compiles = [x == "on" for x in split(args.compile)]
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr)
             for m, w, p, g, c, f in itertools.product(split(args.models), split(args.workloads), split(args.precisions),
-                                                      grad_cps, [args.compile], split(args.fla_chunk))]
+                                                      grad_cps, compiles, split(args.fla_chunk))]
 
 
 def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: Path | None = None
@@ -448,7 +436,7 @@ def main() -> int:
     parser.add_argument("--workloads", default="a,b,c", help="comma list of a, b, c")
     parser.add_argument("--precisions", default="bf16", help="comma list of bf16, int8, nf4")
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block's halves")
+    parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--fla-chunk", default="64", help="comma list of 64 (with the decay bound), 16 (fla default)")
     parser.add_argument("--devices", type=int, default=1, help="GPUs per row (>1: Lightning DDP)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per row")

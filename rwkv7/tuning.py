@@ -55,6 +55,7 @@ class OptimSettings:
     weight_decay: float = 0.0
     loss_chunk: int = 1024
     grad_cp: bool = False
+    compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
 
 
 def lr_at(step: int, s: OptimSettings) -> float:
@@ -81,6 +82,22 @@ def _chunk_kl(head: nn.Module, hidden: Tensor, teacher_hidden: Tensor) -> Tensor
     student = F.log_softmax(head(hidden).float(), dim=-1)
     teacher = F.log_softmax(head(teacher_hidden).float(), dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def compile_mixers(model: RWKV7, backend: str = "inductor") -> None:
+    """torch.compile every block's time-mix and channel-mix in place (instance attributes; `del` undoes it).
+
+    All blocks but the first share one traced graph per half (same code, same shapes), so compiling costs
+    about two blocks' worth, not L; the cache limit is raised so the per-instance guards never fall back to
+    eager.
+    """
+    dynamo = torch._dynamo.config
+    dynamo.cache_size_limit = max(dynamo.cache_size_limit, 2 * len(model.blocks))
+    if hasattr(dynamo, "accumulated_cache_size_limit"):
+        dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 8 * len(model.blocks))
+    for block in model.blocks:
+        block.att.forward = torch.compile(type(block.att).forward.__get__(block.att), backend=backend)
+        block.ffn.forward = torch.compile(type(block.ffn).forward.__get__(block.ffn), backend=backend)
 
 
 class StateTuner(L.LightningModule):
@@ -188,18 +205,24 @@ class StateTuner(L.LightningModule):
         self._step_t0 = time.perf_counter()
 
     def on_fit_start(self) -> None:
-        """With grad_cp, each block recomputes its activations in backward (non-reentrant checkpointing).
+        """Speed/memory trade-offs that wrap the frozen model's blocks for the duration of fit.
 
-        Done by wrapping the block instances' forward for the duration of fit (undone in on_fit_end), so the
-        model class stays free of training concerns.
+        `compile`: each block's time-mix and channel-mix go through torch.compile (the WKV kernel stays outside
+        the graphs: `rwkv7.wkv.wkv7` is opaque to the compiler), which fuses the elementwise work and cuts the
+        kernel launches that otherwise bound a step. `grad_cp`: each block recomputes its activations in backward
+        (non-reentrant checkpointing). Both wrap instance attributes, undone in on_fit_end, so the model class
+        stays free of training concerns.
         """
+        if self.optim.compile:
+            compile_mixers(self.model, self.optim.compile)
         if self.optim.grad_cp:
             for block in self.model.blocks:
                 block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
 
     def on_fit_end(self) -> None:
         for block in self.model.blocks:
-            block.__dict__.pop("forward", None)
+            for module in (block, block.att, block.ffn):
+                module.__dict__.pop("forward", None)
 
     def configure_optimizers(self) -> dict[str, Any]:
         s = self.optim

@@ -63,6 +63,9 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
     return name
 
 
+# Opaque to torch.compile: a compiled block traces up to this call and resumes after it, so fla's Triton kernels
+# run as they are and the reference's loop over time is never unrolled into a graph.
+@torch.compiler.disable
 def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor, *,
          cu_seqlens: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """Run WKV-7 over a batch: inputs `[B, T, H, N]`, `initial_state [S, H, N, N]` ([value, key], float32).
@@ -109,7 +112,6 @@ def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor
     return out.to(dtype), state
 
 
-@torch.compiler.disable  # fla's Triton kernels run as they are inside a torch.compile'd block
 def _fla(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor,
          cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
     """fla 0.6.0 kernels: chunk (trainable) or fused recurrent (inference, short inputs); scale must be 1."""

@@ -86,6 +86,32 @@ def test_activation_checkpointing_gives_the_same_gradient() -> None:
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7) and grads[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("grad_cp", [False, True])
+def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_restores_eager(grad_cp: bool) -> None:
+    """`compile` traces each block's halves (aot_eager here: the same graphs as inductor, no C++ compiler)."""
+    samples = token_samples(3, 12, seed=5)
+    results = []
+    for backend in (None, "aot_eager"):
+        module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp,
+                                                        compile=backend))
+        with torch.no_grad():
+            module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=torch.Generator().manual_seed(0)))
+        module.on_fit_start()
+        losses = []
+        for collate in (pad_collate, pack_collate):  # fixed shapes, then varlen (cu_seqlens) through the same graphs
+            loss, _ = module.batch_loss(collate(samples))
+            loss.backward()
+            losses.append(loss.detach())
+        compiled = [type(b.att.forward).__name__ for b in module.model.blocks]
+        module.on_fit_end()
+        results.append((torch.stack(losses), module.state_wkv.grad.clone(), compiled))
+        assert all("forward" not in vars(m) for b in module.model.blocks for m in (b, b.att, b.ffn))
+    (eager_loss, eager_grad, _), (comp_loss, comp_grad, compiled) = results
+    assert all(name != "method" for name in compiled)  # the compiled wrappers were in place during fit
+    assert torch.allclose(comp_loss, eager_loss, rtol=1e-5) and eager_grad.abs().sum() > 0
+    assert torch.allclose(comp_grad, eager_grad, rtol=1e-4, atol=1e-7)
+
+
 def held_out_kl(model: RWKV7, prefix: list[int], wkv: torch.Tensor, texts: torch.Tensor) -> float:
     """Mean per-token KL(prompted ‖ state) on `texts [B, T]`, from the second position on."""
     with torch.no_grad():
