@@ -16,6 +16,8 @@
 #       speed  two GPUs: GPU 1 pretrains the demo model (pretrain/, PRETRAIN_S s of training; carry pretrain/data),
 #              then the evaluation-cost bench and the WKV check; GPU 0 the 1.5B rows: (a) eager and compiled,
 #              (b) bf16/int8/nf4, (c) eager and compiled
+#       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
+#              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
 # SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
 # Writes to $OUT: run.log, gpu_check_wkv.log, train_speed.json, logs.tgz (per-row logs and profiles),
 # triton-cache.tgz (Triton + Inductor caches; unpack here with `tar -xzf …/triton-cache.tgz -C .` and carry
@@ -91,10 +93,11 @@ wkv_check() {
 }
 
 gpu_tests() {
-  local secs=$1
+  local secs=$1 gpu=${2:-0}
   stamp "GPU tests (pytest -m gpu)"
   [ "$secs" -gt 30 ] || { echo "GPU tests skipped (no time left)"; return 0; }
-  timeout "$secs" python3 -m pytest -q -m gpu -p no:cacheprovider tests/rwkv7/test_gpu_quant.py tests/rwkv7/test_wkv.py \
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 -m pytest -q -m gpu -p no:cacheprovider tests/rwkv7/test_gpu_quant.py tests/rwkv7/test_wkv.py \
+    tests/rwkv7/test_tuning.py \
     > "$LOGS/gpu_tests.log" 2>&1
   echo "GPU tests rc=$? ($(tail -1 "$LOGS/gpu_tests.log"))"
 }
@@ -114,10 +117,10 @@ pretrain_demo() {
 }
 
 eval_speed() {
-  local gpu=$1
+  local gpu=$1 models=${2:-12x768,24x2048}
   stamp "GPU $gpu: evaluation cost"
-  CUDA_VISIBLE_DEVICES=$gpu timeout 150 python3 bench/eval_speed.py --device cuda --data samples/seeds.jsonl \
-    --models 12x768,24x2048 --n 17 > "$OUT/eval_speed.md" 2>&1
+  CUDA_VISIBLE_DEVICES=$gpu timeout 140 python3 bench/eval_speed.py --device cuda --data samples/seeds.jsonl \
+    --models "$models" --n 17 > "$OUT/eval_speed.md" 2>&1
   echo "eval_speed rc=$?"; cat "$OUT/eval_speed.md"
 }
 
@@ -197,7 +200,20 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --compile off,on
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | first | final | short | ddp | speed)"; exit 2 ;;
+  diag)  # two GPUs: GPU 1 the WKV check, the evaluation cost, the GPU tests; GPU 0 1.5B (a) with a cProfile of
+         # three steps, (a) without NVML sampling, (b) bf16/int8/nf4; then 1.5B (a) on one GPU and under DDP on both
+    ( wkv_check 1 200
+      eval_speed 1 "24x2048"
+      gpu_tests $(($(left) - 200)) 1 ) &
+    side=$!
+    run_on 0 $(($(left) - 200)) --models 1.5b --workloads a --pyprofile
+    run_on 0 $(($(left) - 200)) --models 1.5b --workloads a --nvml-period 0
+    run_on 0 $(($(left) - 160)) --models 1.5b --workloads b --precisions bf16,int8,nf4
+    wait "$side"
+    run_on 0 $(($(left) - 100)) --models 1.5b --workloads a $ROW_ARGS
+    ddp_row
+    ;;
+  *) echo "unknown plan $PLAN (one | first | final | short | ddp | speed | diag)"; exit 2 ;;
 esac
 
 stamp "summary"

@@ -67,6 +67,7 @@ TINY_VOCAB = 1024
 SYNTH_ALPHABET = 2000  # synthetic texts draw Zipf-distributed tokens from this many ids
 REPLY_FRACTION = 0.5   # workload c: the loss covers the second half of each dialogue (the "reply")
 NVML_PERIOD_S = 0.01
+PYPROFILE_STEPS = 3
 LOSS_TAIL = 5
 
 
@@ -107,6 +108,8 @@ class Spec:
     device: str
     lr: float
     seed: int = 0
+    nvml_period: float = NVML_PERIOD_S  # 0: no NVML sampling (then no whole-process peak)
+    pyprofile: bool = False  # cProfile of PYPROFILE_STEPS steps after warm-up (where the CPU time goes)
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -139,7 +142,8 @@ class ProcessMemory:
     NVML lists no processes here, it falls back to the whole device's used memory, and `source` says which.
     """
 
-    def __init__(self, local_index: int) -> None:
+    def __init__(self, local_index: int, period: float = NVML_PERIOD_S) -> None:
+        self.period = period
         self.peak_process = 0
         self.peak_device = 0
         self._stop = threading.Event()
@@ -173,7 +177,7 @@ class ProcessMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._sample()
-            time.sleep(NVML_PERIOD_S)
+            time.sleep(self.period)
 
     def start(self) -> None:
         self._thread.start()
@@ -236,19 +240,21 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
     from rwkv7.data import BucketBatchSampler, pack_collate, pad_collate
     from rwkv7.quant import reference_codec
-    from rwkv7.train import ShardBatches, TrainParams, _optim, _trainer
+    from rwkv7.train import ShardBatches, TrainParams, _optim, _trainer, configure_cuda_allocator
     from rwkv7.tuning import StateTuner
 
     cuda = spec.device == "cuda"
+    configure_cuda_allocator()  # as train_state does, before the first CUDA allocation
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     L.seed_everything(spec.seed, verbose=False)
     w = WORKLOADS[spec.workload]
     sd, cfg = build_weights(spec)
-    memory = ProcessMemory(local_rank) if cuda else None
+    memory = ProcessMemory(local_rank, spec.nvml_period) if cuda and spec.nvml_period > 0 else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if memory:
         memory.start()
     t_load = time.time()
     codec = reference_codec(spec.precision) if not cuda and spec.precision != "bf16" else None
@@ -266,7 +272,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
                          progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
                          compile=spec.compile)
-    module = StateTuner(model, _optim(params, spec.steps), sampler)
+    module = StateTuner(model, _optim(params, spec.steps), sampler, embedding_on_host=params.embedding_on_host)
     clock: dict[str, float] = {}
 
     class FirstStep(Callback):
@@ -279,6 +285,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     callbacks = [ShardBatches(sampler), FirstStep()]
     if profile_dir is not None and cuda and local_rank == 0:
         callbacks.append(ProfileOneStep(spec.warmup, profile_dir / f"profile-{row_name(spec)}.txt"))
+    if spec.pyprofile and profile_dir is not None and local_rank == 0:
+        callbacks.append(PyProfileSteps(spec.warmup + 1, profile_dir / f"pyprofile-{row_name(spec)}.txt"))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _trainer(params, torch.device(spec.device), Path(tmp), spec.steps, len(sampler), callbacks)
         with warnings.catch_warnings():
@@ -292,7 +300,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     losses = [r["loss"] for r in history]
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
-        "grad_cp": spec.grad_cp, "compile": spec.compile, "fla_chunk": spec.fla_chunk, "devices": spec.devices,
+        "grad_cp": spec.grad_cp, "compile": spec.compile, "nvml_period": spec.nvml_period, "fla_chunk": spec.fla_chunk, "devices": spec.devices,
         "tokens_per_s": per_rank * spec.devices,
         "tokens_per_s_mean": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed) * spec.devices,
         "step_ms": statistics.median(r["seconds"] for r in timed) * 1e3,
@@ -312,7 +320,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 def row_name(spec: Spec) -> str:
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
-            f"k{spec.fla_chunk}-d{spec.devices}")
+            f"k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
 
 
 def _profiler_callback_class() -> type:
@@ -359,6 +367,35 @@ def _profiler_callback_class() -> type:
     return _ProfileOneStep
 
 
+def PyProfileSteps(first: int, dest: Path) -> Any:  # noqa: N802 - builds the Lightning callback lazily
+    """cProfile over PYPROFILE_STEPS whole training batches from `first`: Python-side cost by function."""
+    import cProfile
+    import io
+    import pstats
+
+    from lightning.pytorch.callbacks import Callback
+
+    class _PyProfile(Callback):
+        def __init__(self) -> None:
+            self.prof = cProfile.Profile()
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if first <= batch_idx < first + PYPROFILE_STEPS:
+                self.prof.enable()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if first <= batch_idx < first + PYPROFILE_STEPS:
+                self.prof.disable()
+            if batch_idx == first + PYPROFILE_STEPS - 1:
+                text = io.StringIO()
+                for key in ("tottime", "cumulative"):
+                    pstats.Stats(self.prof, stream=text).sort_stats(key).print_stats(35)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(f"cProfile of {PYPROFILE_STEPS} steps from batch {first}\n{text.getvalue()}")
+
+    return _PyProfile()
+
+
 def ProfileOneStep(batch_idx: int, dest: Path) -> Any:  # noqa: N802 - builds the Lightning callback lazily
     return _profiler_callback_class()(batch_idx, dest)
 
@@ -381,7 +418,8 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     grad_cps = [x == "on" for x in split(args.grad_cp)]
     compiles = [x == "on" for x in split(args.compile)]
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
-                 args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr)
+                 args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
+                 nvml_period=args.nvml_period, pyprofile=args.pyprofile)
             for m, w, p, g, c, f in itertools.product(split(args.models), split(args.workloads), split(args.precisions),
                                                       grad_cps, compiles, split(args.fla_chunk))]
 
@@ -445,6 +483,10 @@ def main() -> int:
     parser.add_argument("--loss-chunk-b", type=int, default=256, help="loss chunk for workload b (memory rows)")
     parser.add_argument("--lr", type=float, default=1.0, help="peak learning rate (cosine to lr/100)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--nvml-period", type=float, default=NVML_PERIOD_S,
+                        help="seconds between NVML memory reads (0: none, and no whole-process peak)")
+    parser.add_argument("--pyprofile", action="store_true",
+                        help=f"cProfile {PYPROFILE_STEPS} steps after warm-up into --profile-dir (Python-side cost)")
     parser.add_argument("--json", type=Path, help="append the rows to this JSON list file")
     parser.add_argument("--log-dir", type=Path, help="one log file per row")
     parser.add_argument("--timeout", type=float, default=400, help="seconds per row")

@@ -150,7 +150,19 @@ class RWKV7(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.emb.weight.device
+        """Where the blocks and the head run (the embedding table may stay in host memory: `embed`)."""
+        return self.ln_out.weight.device
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Embedding rows of `tokens`, on the tokens' device, wherever the table lives.
+
+        A trainer may keep the `[V, C]` table in host memory (a lookup needs no GPU copy of it); then the
+        lookup runs there and only the `[B, T, C]` rows travel.
+        """
+        table = self.emb.weight
+        if table.device == tokens.device:
+            return self.emb(tokens)
+        return self.emb(tokens.to(table.device)).to(tokens.device)
 
     def forward(self, tokens: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None,
                 return_hidden: bool = False) -> tuple[Tensor, RWKVState]:
@@ -169,7 +181,7 @@ class RWKV7(nn.Module):
         if state is None:
             state = RWKVState.zeros(self.config, n_seq, self.device, self.dtype)
         state = state.expand(n_seq)
-        x = self.blocks[0].ln0(self.emb(tokens))
+        x = self.blocks[0].ln0(self.embed(tokens))
         v_first = None
         att_shift, wkv, ffn_shift = [], [], []
         for i, block in enumerate(self.blocks):

@@ -76,6 +76,8 @@ class TrainParams(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 turns clipping off")
     accumulate_grad_batches: int = Field(1, ge=1)
     grad_cp: bool = Field(False, description="recompute each block in backward (saves memory)")
+    embedding_on_host: bool = Field(True, description="CUDA: keep the token embedding table in host memory (only "
+                                    "the looked-up rows go to the GPU; saves V×C×2 bytes, 0.27 GB at 1.5B)")
     compile: bool = Field(False, description="torch.compile the blocks' non-WKV work (CUDA: fused elementwise "
                                              "kernels, fewer launches; the first step pays the compilation)")
     loss_on: Literal["assistant", "all"] = "assistant"
@@ -168,6 +170,7 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
         raise TrainingError(f"cannot resume: {last_ckpt} does not exist (start without --resume)")
     L.seed_everything(params.seed, verbose=False)
     device = _device(params.device)
+    configure_cuda_allocator()
     model = _load(model_path, device, params.precision)
     top_id = max(max(s.ids) for s in samples)
     if top_id >= model.config.vocab_size:
@@ -185,7 +188,7 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
                       f"reaches lr_init={params.lr_init}", stacklevel=2)
     distill = (encode(render_text([{"role": "system", "content": params.distill_prompt}]))
                if params.distill_prompt else None)
-    module = StateTuner(model, _optim(params, total_steps), sampler, distill)
+    module = StateTuner(model, _optim(params, total_steps), sampler, distill, params.embedding_on_host)
     meta = {"training": params.model_dump(), "data": {"file": data_path.name, "sha256": data_sha}}
     trainer = _trainer(params, device, out_dir, total_steps, steps_per_epoch,
                        [EpochStates(out_dir, model, meta), ResumeGuard({**params.model_dump(), "data_sha256": data_sha}),
@@ -234,6 +237,18 @@ class ShardBatches(Callback):
             raise TrainingError(f"the sampler was built for {self.sampler.num_replicas} processes, "
                                 f"Lightning runs {trainer.world_size}")
         self.sampler.rank = trainer.global_rank
+
+
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_cuda_allocator() -> None:
+    """Expandable segments for PyTorch's CUDA allocator, unless PYTORCH_CUDA_ALLOC_CONF says otherwise.
+
+    The cached blocks then grow in place instead of fragmenting, which keeps the whole-process peak close to
+    what the tensors need. Takes effect only before the first CUDA allocation of the process.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
 
 
 def _load(model_path: str | os.PathLike[str], device: torch.device, precision: str) -> RWKV7:

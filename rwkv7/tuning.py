@@ -108,7 +108,7 @@ class StateTuner(L.LightningModule):
     """
 
     def __init__(self, model: RWKV7, optim: OptimSettings, sampler: BucketBatchSampler | None = None,
-                 distill_prefix: list[int] | None = None) -> None:
+                 distill_prefix: list[int] | None = None, embedding_on_host: bool = False) -> None:
         super().__init__()
         cfg = model.config
         self.model = model.requires_grad_(False).eval()
@@ -119,6 +119,7 @@ class StateTuner(L.LightningModule):
         self.optim = optim
         self.sampler = sampler
         self.distill_prefix = distill_prefix
+        self.embedding_on_host = embedding_on_host
         self.strict_loading = False  # checkpoints carry the state only, not the frozen weights
         self.history: list[dict[str, Any]] = []
         self.register_buffer("last_good", self.state_wkv.detach().clone(), persistent=False)
@@ -207,12 +208,17 @@ class StateTuner(L.LightningModule):
     def on_fit_start(self) -> None:
         """Speed/memory trade-offs that wrap the frozen model's blocks for the duration of fit.
 
+        `embedding_on_host`: the token embedding table (`V × C`, 0.27 GB at 1.5B) stays in host memory, where
+        lookups are cheap; only the looked-up rows travel to the GPU.
         `compile`: each block's time-mix and channel-mix go through torch.compile (the WKV kernel stays outside
         the graphs: `rwkv7.wkv.wkv7` is opaque to the compiler), which fuses the elementwise work and cuts the
         kernel launches that otherwise bound a step. `grad_cp`: each block recomputes its activations in backward
         (non-reentrant checkpointing). Both wrap instance attributes, undone in on_fit_end, so the model class
         stays free of training concerns.
         """
+        if self.embedding_on_host and self.model.device.type == "cuda":
+            self.model.emb.to("cpu")  # Lightning moved the whole module to the GPU; the table goes back
+            torch.cuda.empty_cache()
         if self.optim.compile:
             compile_mixers(self.model, self.optim.compile)
         if self.optim.grad_cp:

@@ -147,15 +147,17 @@ def test_prompt_distillation_cuts_the_kl_to_the_prompted_model_by_80_percent() -
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla varlen kernel)")
 def test_packed_gpu_batch_matches_the_padded_cpu_reference() -> None:
-    """GPU training packs a batch into one row with cu_seqlens (fla, bf16); loss and state gradient must agree
-    with the float32 padded reference on CPU."""
+    """GPU training packs a batch into one row with cu_seqlens (fla, bf16, embedding table in host memory);
+    loss and state gradient must agree with the float32 padded reference on CPU."""
     pytest.importorskip("fla")
     samples = [token_samples(1, n, seed=n, skip_first=False)[0] for n in (70, 130, 33)]
     results = []
     for device, collate in (("cpu", pad_collate), ("cuda", pack_collate)):
         sd = random_checkpoint(n_layer=2, n_embd=64, vocab_size=VOCAB, seed=0)
         module = StateTuner(build_model(sd, inspect_checkpoint(sd), device=device),
-                            OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1))
+                            OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1), embedding_on_host=True)
+        module.on_fit_start()
+        assert module.model.emb.weight.device.type == "cpu" and module.model.device.type == device
         with torch.no_grad():
             module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=torch.Generator().manual_seed(0)))
         batch = collate(samples)
