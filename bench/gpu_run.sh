@@ -16,6 +16,7 @@
 #       speed  two GPUs: GPU 1 pretrains the demo model (pretrain/, PRETRAIN_S s of training; carry pretrain/data),
 #              then the evaluation-cost bench and the WKV check; GPU 0 the 1.5B rows: (a) eager and compiled,
 #              (b) bf16/int8/nf4, (c) eager and compiled
+#       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
 #       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
 #              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
 # SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
@@ -84,22 +85,23 @@ run_on() {
   CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" "${SPEED[@]}" --timeout "$secs" "$@"
 }
 
+# wkv_check GPU SECONDS [DTYPES]: bench/gpu_check_wkv.py; its table (rewritten after each case) in $OUT
 wkv_check() {
-  local gpu=$1 secs=$2
-  stamp "WKV check on GPU $gpu"
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 bench/gpu_check_wkv.py --bench --log "$OUT/gpu_check_wkv.log" \
-    > "$LOGS/gpu_check_wkv.stdout" 2>&1
-  echo "gpu_check_wkv rc=$?"
+  local gpu=$1 secs=$2 dtypes=${3:-bf16,fp32}
+  stamp "WKV check ($dtypes) on GPU $gpu"
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 bench/gpu_check_wkv.py --bench --dtypes "$dtypes" \
+    --log "$OUT/gpu_check_wkv-${dtypes//,/-}.log" > "$LOGS/gpu_check_wkv-${dtypes//,/-}.stdout" 2>&1
+  echo "gpu_check_wkv $dtypes rc=$?"
 }
 
 gpu_tests() {
   local secs=$1 gpu=${2:-0}
   stamp "GPU tests (pytest -m gpu)"
   [ "$secs" -gt 30 ] || { echo "GPU tests skipped (no time left)"; return 0; }
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 -m pytest -q -m gpu -p no:cacheprovider tests/rwkv7/test_gpu_quant.py tests/rwkv7/test_wkv.py \
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider tests/rwkv7/test_gpu_quant.py tests/rwkv7/test_wkv.py \
     tests/rwkv7/test_tuning.py \
-    > "$LOGS/gpu_tests.log" 2>&1
-  echo "GPU tests rc=$? ($(tail -1 "$LOGS/gpu_tests.log"))"
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
 }
 
 # pretrain_demo GPU SECONDS: the demo model's recipe (pretrain/README.md) with a training-time budget; the
@@ -213,7 +215,14 @@ case "$PLAN" in
     run_on 0 $(($(left) - 100)) --models 1.5b --workloads a $ROW_ARGS
     ddp_row
     ;;
-  *) echo "unknown plan $PLAN (one | first | final | short | ddp | speed | diag)"; exit 2 ;;
+  wkv)  # two GPUs: the WKV check in bf16 (GPU 0, then the GPU tests there) and in fp32 (GPU 1) side by side
+    ( wkv_check 1 $(($(left) - 15)) fp32 ) &
+    side=$!
+    wkv_check 0 300 bf16
+    gpu_tests $(($(left) - 15)) 0
+    wait "$side"
+    ;;
+  *) echo "unknown plan $PLAN (one | first | final | short | ddp | speed | diag | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"
@@ -224,4 +233,4 @@ from train_speed import table
 rows = json.load(open(sys.argv[1])) if __import__("os").path.exists(sys.argv[1]) else []
 print(table(rows))
 EOF
-tail -n 45 "$OUT/gpu_check_wkv.log" 2>/dev/null
+for f in "$OUT"/gpu_check_wkv*.log; do [ -f "$f" ] && tail -n 45 "$f"; done
