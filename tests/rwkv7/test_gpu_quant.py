@@ -45,7 +45,7 @@ def test_bnb_nf4_is_as_close_to_the_weight_as_the_reference() -> None:
     err_bnb = (bnb.dequantize(bnb.quantize(w), torch.float32) - w.float()).norm() / w.float().norm()
     err_ref = (ref.dequantize(ref.quantize(w), torch.float32) - w.float()).norm() / w.float().norm()
     assert err_bnb < 0.12 and abs(err_bnb - err_ref) < 0.01
-    assert bnb.nbytes(bnb.quantize(w)) < 0.3 * w.numel()  # 4 bits + double-quantized block scales
+    assert bnb.nbytes(bnb.quantize(w)) < 0.53 * w.numel()  # 0.5 byte per weight + double-quantized block scales
 
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
