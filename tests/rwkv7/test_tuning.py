@@ -164,6 +164,8 @@ def test_packed_gpu_batch_matches_the_padded_cpu_reference() -> None:
         batch = type(batch)(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
         loss, n = module.batch_loss(batch)
         loss.backward()
+        module.on_fit_end()
+        assert module.model.emb.weight.device.type == device  # the table is back beside the blocks
         results.append((loss.item() / n, module.state_wkv.grad.detach().cpu().flatten()))
     (cpu_loss, cpu_grad), (gpu_loss, gpu_grad) = results
     assert gpu_loss == pytest.approx(cpu_loss, rel=2e-2)
