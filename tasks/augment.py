@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.common import (DataError, ParamsError, StageStats, content_id, load_section, read_jsonl, stage_parser,
+from tasks.common import (DataError, ParamsError, StageStats, content_id, load_section, read_jsonl, stage_errors, stage_parser,
                           write_json, write_jsonl)
 
 log = logging.getLogger(__name__)
@@ -483,11 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="augmented dialogues jsonl to write")
     ap.add_argument("--stats", type=Path, required=True, help="stats JSON to write")
     args = ap.parse_args(argv)
-    try:
+    with stage_errors("augment", AugmentError, OSError):
         params = load_section(AugmentParams, "augment", args.params)
         stats = augment(args.seeds, args.style, args.out, args.stats, params)
-    except (AugmentError, DataError, ParamsError, OSError) as e:
-        raise SystemExit(f"augment: {e}") from None
     log.info("augment: %s written (%s)", stats["written"], stats.get("status"))
 
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rwkv7.atomic import atomic_path, file_sha256
 from rwkv7.checkpoint import (HEAD_SIZE, WORLD_VOCAB_SIZE, CheckpointError, load_checkpoint,
                               random_checkpoint, save_checkpoint)
-from tasks.common import ParamsError, StageStats, load_section, stage_parser
+from tasks.common import StageStats, load_section, stage_errors, stage_parser
 
 
 class BaseModelParams(BaseModel):
@@ -92,14 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="checkpoint .pth to write")
     ap.add_argument("--stats", type=Path, help="stats JSON to write")
     args = ap.parse_args(argv)
-    try:
+    with stage_errors("base_model", CheckpointError):
         params = load_section(BaseModelParams, "base_model", args.params)
-    except ParamsError as e:
-        sys.exit(f"base_model: {e}")
-    try:
         stats = build_base_model(args.out, params, args.stats)
-    except CheckpointError as e:
-        sys.exit(f"base_model: {e}")
     print(f"base_model: {args.out} ({stats['parameters']:,} parameters, L={stats['n_layer']}, C={stats['n_embd']})",
           file=sys.stderr)
 

@@ -8,6 +8,7 @@ counts read / written / dropped by reason and seconds taken.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +54,16 @@ def stage_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=(doc or "").split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help=f"params file (section: {stage})")
     return parser
+
+
+@contextlib.contextmanager
+def stage_errors(stage: str, *errors: type[Exception]) -> Iterator[None]:
+    """Around a stage's work in its `main`: bad params or data (and the stage's own `errors`) end the command
+    with `<stage>: <message>` on stderr and exit status 1 instead of a traceback."""
+    try:
+        yield
+    except (DataError, ParamsError, *errors) as e:
+        raise SystemExit(f"{stage}: {e}") from None
 
 
 def load_section(model: type[P], section: str, path: str | Path = DEFAULT_PARAMS) -> P:

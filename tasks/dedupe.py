@@ -35,7 +35,7 @@ from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field
 from rapidfuzz import fuzz
 
-from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, stage_parser, write_jsonl
+from tasks.common import DataError, StageStats, load_section, read_jsonl, stage_errors, stage_parser, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", type=Path, required=True, help="jsonl of dropped records and why")
     ap.add_argument("--stats", type=Path, required=True, help="stats JSON to write")
     args = ap.parse_args(argv)
-    try:
+    with stage_errors("dedupe", OSError):
         params = load_section(DedupeParams, "dedupe", args.params)
         stats = dedupe(args.inputs, args.train, args.val, args.report, args.stats, params)
-    except (DataError, ParamsError, OSError) as e:
-        raise SystemExit(f"dedupe: {e}") from None
     log.info("dedupe: %d read, %d train, %d val, %d dropped", stats["read"], stats["train"], stats["val"],
              stats["dropped_total"])
 

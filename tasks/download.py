@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from yt_dlp.extractor import gen_extractor_classes
 from yt_dlp.utils import YoutubeDLError, parse_bytes
 
 from rwkv7.atomic import atomic_path, file_sha256, write_text
-from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser, write_json
+from tasks.common import DataError, ParamsError, StageStats, load_section, stage_errors, stage_parser, write_json
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stats", type=Path, help="stats JSON to write")
     ap.add_argument("--list-only", action="store_true", help="list the sources' media ids, download nothing")
     args = ap.parse_args(argv)
-    try:
+    with stage_errors("download", NothingDownloadedError):
         params = load_section(DownloadParams, "download", args.params)
         if args.list_only:
             ids = list_sources(params.sources, params)
@@ -515,8 +514,6 @@ def main(argv: list[str] | None = None) -> None:
             log.info("download: %d media ids listed into %s", len(ids), args.out)
         else:
             download(params.sources, args.out, params, args.stats)
-    except (DataError, ParamsError, NothingDownloadedError) as e:
-        sys.exit(f"download: {e}")
 
 
 if __name__ == "__main__":

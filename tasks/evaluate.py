@@ -27,7 +27,7 @@ from rwkv7.data import DatasetError
 from rwkv7.evaluate import EvaluateParams, EvaluationError, Generation, Judge, JudgeParams, run_evaluation
 from rwkv7.state import StateFileError
 from tasks.augment import AugmentError, AugmentParams, ProviderUnavailable, TransientError, make_provider
-from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser
+from tasks.common import StageStats, load_section, stage_errors, stage_parser
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="report folder to write")
     ap.add_argument("--stats", type=Path, default=None, help="stats JSON (default: <out>/stats.json)")
     args = ap.parse_args(argv)
-    try:
+    with stage_errors("evaluate", EvaluationError, DatasetError, StateFileError, CheckpointError):
         params = load_section(EvaluateParams, "evaluate", args.params)
         stats = evaluate(args.model, args.val, args.runs, args.out, params, args.stats)
-    except (EvaluationError, DatasetError, DataError, ParamsError, StateFileError, CheckpointError) as e:
-        raise SystemExit(f"evaluate: {e}") from None
     log.info("evaluate: best %s (val loss %.4f), report in %s", stats["best"], stats["best_val_loss"], args.out)
 
 

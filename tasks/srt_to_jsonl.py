@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.common import DataError, ParamsError, StageStats, content_id, load_section, stage_parser, write_jsonl
+from tasks.common import DataError, StageStats, content_id, load_section, stage_errors, stage_parser, write_jsonl
 from tasks.srt_read import Cue, FileReport, decode_srt, read_cues
 
 Role = Literal["user", "assistant"]
@@ -402,11 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output jsonl of dialogue records")
     parser.add_argument("--stats", type=Path, required=True, help="output stats JSON")
     args = parser.parse_args(argv)
-    try:
+    with stage_errors("srt_to_jsonl"):
         params = load_section(SrtToJsonlParams, "srt_to_jsonl", args.params)
         stats = srt_to_jsonl(args.inputs, args.out, args.stats, params)
-    except (DataError, ParamsError) as e:
-        sys.exit(f"srt_to_jsonl: {e}")
     print(f"srt_to_jsonl: {stats['files']} files, {stats['read']} cues -> {stats['written']} records; "
           f"dropped {stats['dropped']}; {len(stats['problems'])} problems (see {args.stats})", file=sys.stderr)
     return 0

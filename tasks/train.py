@@ -19,7 +19,7 @@ from rwkv7.checkpoint import CheckpointError
 from rwkv7.data import DatasetError
 from rwkv7.state import StateFileError
 from rwkv7.train import TrainingError, TrainParams, train_state
-from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser
+from tasks.common import DataError, StageStats, load_section, stage_errors, stage_parser
 
 log = logging.getLogger("tasks.train")
 
@@ -51,11 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stats", type=Path, default=None, help="stats JSON (default: <out>/stats.json)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.ckpt")
     args = ap.parse_args(argv)
-    try:
+    with stage_errors("train", TrainingError, StateFileError, CheckpointError, OSError):
         params = load_section(TrainParams, "train", args.params)
         stats = run(args.model, args.data, args.out, params, args.stats, args.resume)
-    except (TrainingError, DataError, ParamsError, StateFileError, CheckpointError, OSError) as e:
-        raise SystemExit(f"train: {e}") from None
     log.info("train: loss %.4f → %.4f in %d steps, %.0f real tokens/s; state in %s", stats["first_loss"],
              stats["final_loss"], stats["steps"], stats["tokens_per_s"] or 0.0, args.out / "state.pth")
 

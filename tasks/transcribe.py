@@ -25,7 +25,6 @@ import importlib.metadata
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rwkv7.atomic import atomic_path, file_sha256, write_text
-from tasks.common import DataError, ParamsError, StageStats, load_section, stage_parser, write_json
+from tasks.common import DataError, StageStats, load_section, stage_errors, stage_parser, write_json
 from tasks.download import MEDIA_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -398,11 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for <stem>.srt + <stem>.json")
     ap.add_argument("--stats", type=Path, help="stats JSON to write")
     args = ap.parse_args(argv)
-    try:
+    with stage_errors("transcribe", ModelNotFoundError):
         params = load_section(TranscribeParams, "transcribe", args.params)
         stats = transcribe(args.media, args.out, params, args.stats)
-    except (DataError, ParamsError, ModelNotFoundError) as e:
-        sys.exit(f"transcribe: {e}")
     log.info("transcribe: %d written (%d transcribed, %d cached, %d subtitles), real-time factor %s",
              stats["written"], stats["transcribed"], stats["cache_hits"], stats["subtitles_passed_through"],
              stats["real_time_factor"])

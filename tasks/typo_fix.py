@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rapidfuzz import fuzz
 
-from tasks.common import DataError, ParamsError, StageStats, load_section, read_jsonl, stage_parser, write_jsonl
+from tasks.common import DataError, StageStats, load_section, read_jsonl, stage_errors, stage_parser, write_jsonl
 
 Role = Literal["system", "user", "assistant"]
 CONTEXT_CHARS = 40
@@ -260,11 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--review", type=Path, required=True, help="output review jsonl (nothing auto-fixed)")
     parser.add_argument("--stats", type=Path, required=True, help="output stats JSON")
     args = parser.parse_args(argv)
-    try:
+    with stage_errors("typo_fix"):
         params = load_section(TypoFixParams, "typo_fix", args.params)
         stats = typo_fix(args.in_path, args.out, args.review, args.stats, params)
-    except (DataError, ParamsError) as e:
-        sys.exit(f"typo_fix: {e}")
     replaced = sum(c["replaced"] for c in stats["rules"].values())
     print(f"typo_fix: {stats['read']} records -> {stats['written']}; {replaced} replacements; "
           f"dropped {stats['dropped']}; review {stats['review']} (see {args.review})", file=sys.stderr)
