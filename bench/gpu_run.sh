@@ -6,12 +6,7 @@
 #
 # PLAN: one    one GPU: 1.5B (a) bf16, (b) bf16/int8/nf4, (c) bf16, WKV check, then (a) variants (no grad_cp,
 #              compiled blocks, fla chunk 16), as far as SECONDS allow
-#       first  two GPUs, cold start; WKV check on GPU 1 while GPU 0 measures the 1.5B variants (grad_cp on/off, fla chunk
-#              64/16, workload c, profile), then GPU 1 the 1.5B memory rows (b: bf16/int8/nf4), then 1.5B (a) under
-#              DDP on both GPUs
 #       final  all models: (a) bf16, (b) bf16/int8/nf4, (c) bf16 split over the GPUs, then 1.5B (a) DDP
-#       short  two GPUs, a few minutes: 1.5B (a) and (c) on GPU 0, (b) bf16/int8/nf4 then the WKV check on GPU 1,
-#              then 1.5B (a) under DDP
 #       ddp    only the DDP row and its single-GPU twin (ROW_ARGS adds options to both, e.g. "--compile on")
 #       speed  two GPUs: GPU 1 pretrains the demo model (pretrain/, PRETRAIN_S s of training; carry pretrain/data),
 #              then the evaluation-cost bench and the WKV check; GPU 0 the 1.5B rows: (a) eager and compiled,
@@ -20,11 +15,12 @@
 #       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
 #              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
 # SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
-# Writes to $OUT: run.log, gpu_check_wkv.log, train_speed.json, logs.tgz (per-row logs and profiles),
-# triton-cache.tgz (Triton + Inductor caches; unpack here with `tar -xzf …/triton-cache.tgz -C .` and carry
-# .triton next time) or, when that is too large to come back, triton-autotune.tgz (autotune choices only).
+# Writes to $OUT: run.log, gpu_check_wkv-<dtypes>.log, gpu_tests.log, train_speed.json, eval_speed.md,
+# logs.tgz (per-row logs and profiles), triton-cache.tgz (Triton kernels + autotune choices; unpack here with
+# `tar -xzf …/triton-cache.tgz -C .` and carry .triton next time) or, when that is too large to come back,
+# triton-autotune.tgz (autotune choices only), and inductor-cache.tgz (torch.compile's graphs) when small enough.
 set -uo pipefail
-PLAN="${1:-first}"
+PLAN="${1:-one}"
 ROW_ARGS="${ROW_ARGS:-}"
 BUDGET="${2:-570}"
 T0=$(date +%s)
@@ -135,27 +131,6 @@ ddp_row() {
 }
 
 case "$PLAN" in
-  first)
-    if [ "$NGPU" -ge 2 ]; then
-      ( wkv_check 1 240
-        stamp "GPU 1: memory rows"
-        run_on 1 $(($(left) - 110)) --models 1.5b --workloads b --precisions bf16,int8,nf4
-        stamp "GPU 1: compiled blocks"
-        run_on 1 $(($(left) - 110)) --models 1.5b --workloads a --compile on ) &
-      side=$!
-    fi
-    stamp "GPU 0: 1.5B variants"
-    run_on 0 $(($(left) - 110)) --models 1.5b --workloads a --grad-cp on,off
-    run_on 0 $(($(left) - 110)) --models 1.5b --workloads c
-    run_on 0 $(($(left) - 110)) --models 1.5b --workloads a --fla-chunk 16
-    if [ "$NGPU" -lt 2 ]; then
-      wkv_check 0 $(($(left) - 60))
-      run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --precisions bf16,int8,nf4
-    else  # (unused) single-GPU order lives in plan "one"
-      wait "$side"
-      ddp_row
-    fi
-    ;;
   one)  # one GPU, most important first: targets, WKV check, GPU tests, then variants
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --precisions bf16,int8,nf4
@@ -174,18 +149,6 @@ case "$PLAN" in
     run_on 0 $(($(left) - 100)) --models 1.5b --workloads b --precisions bf16,int8,nf4
     run_on 0 $(($(left) - 100)) --models 2.9b --workloads a,b,c
     wait "$side"
-    ddp_row
-    ;;
-  short)  # two GPUs, little time: the target rows first (GPU 0: 1.5B (a), (c); GPU 1: (b) memory rows, then
-          # the WKV check), then 1.5B (a) under DDP on both
-    if [ "$NGPU" -ge 2 ]; then
-      ( run_on 1 $(($(left) - 150)) --models 1.5b --workloads b --precisions bf16,int8,nf4
-        wkv_check 1 $(($(left) - 100)) ) &
-      side=$!
-    fi
-    run_on 0 $(($(left) - 150)) --models 1.5b --workloads a
-    run_on 0 $(($(left) - 110)) --models 1.5b --workloads c
-    [ "$NGPU" -ge 2 ] && wait "$side"
     ddp_row
     ;;
   ddp)
@@ -222,7 +185,7 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | first | final | short | ddp | speed | diag | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"
