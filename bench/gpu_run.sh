@@ -11,6 +11,8 @@
 #       speed  two GPUs: GPU 1 pretrains the demo model (pretrain/, PRETRAIN_S s of training; carry pretrain/data),
 #              then the evaluation-cost bench and the WKV check; GPU 0 the 1.5B rows: (a) eager and compiled,
 #              (b) bf16/int8/nf4, (c) eager and compiled
+#       graphs one GPU: the GPU tests (CUDA-graph replays vs eager), then 1.5B rows with CUDA graphs: (a) eager and
+#              compiled, (a) without grad_cp, (c), (b) bf16
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
 #       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
 #              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
@@ -178,6 +180,13 @@ case "$PLAN" in
     run_on 0 $(($(left) - 100)) --models 1.5b --workloads a $ROW_ARGS
     ddp_row
     ;;
+  graphs)
+    gpu_tests 150 0
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile off,on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --grad-cp off
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
+    ;;
   wkv)  # two GPUs: the WKV check in bf16 (GPU 0, then the GPU tests there) and in fp32 (GPU 1) side by side
     ( wkv_check 1 $(($(left) - 15)) fp32 ) &
     side=$!
@@ -185,7 +194,7 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

@@ -9,7 +9,7 @@ Each row (model × workload × precision × variant) runs in a fresh process, so
 step are those a user sees. A row builds the model on the GPU from `random_checkpoint` (no files), moves the
 weights to host memory and loads them the way `train_state` does (bf16 straight onto the GPU; int8/nf4
 quantized onto it one weight at a time), then trains through the same pieces as `train_state`: `StateTuner`,
-`BucketBatchSampler` + `pack_collate` (varlen, no padding) and the Lightning trainer built by
+`BucketBatchSampler` + `training_collate` (CUDA graphs: padded to fixed shapes; else varlen) and the trainer built by
 `rwkv7.train._trainer` (bf16-mixed, grad clip 1, AdamW, cosine lr).
 
 Workloads (synthetic token streams; the model is random, so only speed, memory and the precisions' relative
@@ -25,7 +25,8 @@ weights start loading; time to first step from the process start (imports, model
 first forward/backward/optimizer step); and the loss of the last step (`final_loss`) and the mean of the last
 five (`loss_last5`). Prints one table last and appends rows to `--json`.
 Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
-`--fla-chunk 64,16`.
+`--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
+or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`.
 `--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
 On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.
 """
@@ -110,6 +111,7 @@ class Spec:
     seed: int = 0
     nvml_period: float = NVML_PERIOD_S  # 0: no NVML sampling (then no whole-process peak)
     pyprofile: bool = False  # cProfile of PYPROFILE_STEPS steps after warm-up (where the CPU time goes)
+    graphs: bool = False  # TrainParams.cuda_graphs on (padded fixed-shape batches, replayed graphs) or off (packed)
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -238,9 +240,10 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from rwkv7.data import BucketBatchSampler, pack_collate, pad_collate
+    from rwkv7.data import BucketBatchSampler
     from rwkv7.quant import reference_codec
-    from rwkv7.train import ShardBatches, TrainParams, _optim, _trainer, configure_cuda_allocator
+    from rwkv7.train import (ShardBatches, TrainParams, _optim, _trainer, configure_cuda_allocator, training_collate,
+                             use_cuda_graphs)
     from rwkv7.tuning import StateTuner
 
     cuda = spec.device == "cuda"
@@ -265,14 +268,15 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     samples = synthetic_samples(w, w.micro_bsz * n_batches, seed=spec.seed + 1, vocab=cfg.vocab_size)
     sampler = BucketBatchSampler([s.n_inputs for s in samples], w.micro_bsz, spec.seed, window_batches=16,
                                  num_replicas=spec.devices)
-    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
-                                         collate_fn=pack_collate if cuda else pad_collate)
     params = TrainParams(ctx_len=w.ctx_len, micro_bsz=w.micro_bsz, max_steps=spec.steps, lr_init=spec.lr,
                          lr_final=spec.lr / 100, grad_cp=spec.grad_cp, loss_chunk=spec.loss_chunk,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
                          progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
-                         compile=spec.compile)
-    module = StateTuner(model, _optim(params, spec.steps), sampler, embedding_on_host=params.embedding_on_host)
+                         compile=spec.compile, cuda_graphs="on" if spec.graphs else "off")
+    device = torch.device(spec.device)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=training_collate(params, device))
+    module = StateTuner(model, _optim(params, spec.steps, use_cuda_graphs(params, device)), sampler,
+                        embedding_on_host=params.embedding_on_host)
     clock: dict[str, float] = {}
 
     class FirstStep(Callback):
@@ -300,7 +304,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     losses = [r["loss"] for r in history]
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
-        "grad_cp": spec.grad_cp, "compile": spec.compile, "nvml_period": spec.nvml_period, "fla_chunk": spec.fla_chunk, "devices": spec.devices,
+        "grad_cp": spec.grad_cp, "compile": spec.compile, "graphs": spec.graphs, "nvml_period": spec.nvml_period,
+        "fla_chunk": spec.fla_chunk, "devices": spec.devices,
         "tokens_per_s": per_rank * spec.devices,
         "tokens_per_s_mean": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed) * spec.devices,
         "step_ms": statistics.median(r["seconds"] for r in timed) * 1e3,
@@ -320,7 +325,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 def row_name(spec: Spec) -> str:
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
-            f"k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
+            f"g{int(spec.graphs)}-k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
 
 
 def _profiler_callback_class() -> type:
@@ -417,11 +422,13 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     grad_cps = [x == "on" for x in split(args.grad_cp)]
     compiles = [x == "on" for x in split(args.compile)]
+    graphs = [x == "on" for x in split(args.graphs or ("on" if args.device == "cuda" else "off"))]
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
-                 nvml_period=args.nvml_period, pyprofile=args.pyprofile)
-            for m, w, p, g, c, f in itertools.product(split(args.models), split(args.workloads), split(args.precisions),
-                                                      grad_cps, compiles, split(args.fla_chunk))]
+                 nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg)
+            for m, w, p, g, c, cg, f in itertools.product(split(args.models), split(args.workloads),
+                                                          split(args.precisions), grad_cps, compiles, graphs,
+                                                          split(args.fla_chunk))]
 
 
 def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: Path | None = None
@@ -449,20 +456,20 @@ def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"| {'model':5} | wl | {'prec':4} | cp | cmp | chunk | dev | {'tokens/s':>9} | {'step ms':>8} | "
+    head = (f"| {'model':5} | wl | {'prec':4} | cp | cmp | gr | chunk | dev | {'tokens/s':>9} | {'step ms':>8} | "
             f"{'alloc GB':>8} | {'proc GB':>7} | {'1st step s':>10} | {'final loss':>10} | {'last5':>7} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
-                         f"{int(r['compile'])}   | {r['fla_chunk']:5} | {r['devices']:3} | ERROR {r['error'][:150]}")
+                         f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {r['fla_chunk']:5} | {r['devices']:3} | ERROR {r['error'][:150]}")
             continue
 
         def num(key: str, fmt: str) -> str:
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
         lines.append(f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
-                     f"{int(r['compile'])}   | {r['fla_chunk']:5} | {r['devices']:3} | {num('tokens_per_s', '9.0f')} | "
+                     f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {r['fla_chunk']:5} | {r['devices']:3} | {num('tokens_per_s', '9.0f')} | "
                      f"{num('step_ms', '8.1f')} | {num('peak_alloc_gb', '8.2f')} | {num('peak_process_gb', '7.2f')} | "
                      f"{num('first_step_s', '10.1f')} | {num('final_loss', '10.4f')} | {num('loss_last5', '7.4f')} |")
     return "\n".join(lines)
@@ -475,6 +482,7 @@ def main() -> int:
     parser.add_argument("--precisions", default="bf16", help="comma list of bf16, int8, nf4")
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
+    parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
     parser.add_argument("--fla-chunk", default="64", help="comma list of 64 (with the decay bound), 16 (fla default)")
     parser.add_argument("--devices", type=int, default=1, help="GPUs per row (>1: Lightning DDP)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per row")

@@ -151,6 +151,8 @@ def train(model: Path = MODEL_OPTION,
           grad_cp: bool | None = typer.Option(None, "--grad-cp/--no-grad-cp", help="recompute blocks in backward"),
           compile: bool | None = typer.Option(None, "--compile/--no-compile",
                                               help="torch.compile the blocks (faster steps, slower first step)"),
+          cuda_graphs: str | None = typer.Option(None, help="auto, on or off: replay each batch shape's captured "
+                                                 "CUDA graph (default auto: on for one GPU in bf16)"),
           distill_prompt: str | None = typer.Option(None, help="learn a state that acts like this system prompt"),
           seed: int | None = typer.Option(None, help="seed for data order (default 42)"),
           device: str | None = typer.Option(None, help="auto, cpu or cuda (default auto)"),
@@ -167,7 +169,7 @@ def train(model: Path = MODEL_OPTION,
     given = {"max_steps": max_steps, "epochs": epochs, "lr_init": lr_init, "lr_final": lr_final,
              "warmup_steps": warmup_steps, "ctx_len": ctx_len, "micro_bsz": micro_bsz,
              "accumulate_grad_batches": accumulate, "loss_on": loss_on, "overlong": overlong, "grad_cp": grad_cp,
-             "compile": compile,
+             "compile": compile, "cuda_graphs": cuda_graphs,
              "distill_prompt": distill_prompt, "seed": seed, "device": device, "cpu_threads": cpu_threads,
              "precision": precision, "devices": devices, "tensorboard": tensorboard or None}
     try:

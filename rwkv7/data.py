@@ -12,7 +12,8 @@ ctx_len+1 tokens (`overlong="truncate"`, default) or dropped (`"drop"`); both ar
 
 Batches never mix samples: on CPU, `pad_collate` right-pads to the batch's longest sample (RWKV is causal, so
 padding after a sequence cannot change it; padded targets are masked); on GPU, `pack_collate` concatenates the
-batch into one row with `cu_seqlens`, and each sequence starts from the tuned state. `BucketBatchSampler`
+batch into one row with `cu_seqlens`, and each sequence starts from the tuned state, or (CUDA graphs)
+`pad_collate` pads to a few fixed shapes. `BucketBatchSampler`
 groups samples of similar length (sort within a seeded shuffled window) so padding stays small.
 """
 
@@ -239,7 +240,8 @@ class Batch:
 
     Padded: `tokens, targets [B, T]` LongTensor, `loss_mask [B, T]` bool, `cu_seqlens` None.
     Packed: `tokens, targets, loss_mask [1, total]` and `cu_seqlens [S+1]` LongTensor (sequence boundaries).
-    `n_real` is the number of non-padding input tokens.
+    `n_real` is the number of non-padding input tokens, `n_targets` the number of masked-in targets (known
+    on the host, so a trainer need not read it back from the GPU).
     """
 
     tokens: Tensor
@@ -247,24 +249,30 @@ class Batch:
     loss_mask: Tensor
     cu_seqlens: Tensor | None
     n_real: int
+    n_targets: int
 
     @property
     def n_sequences(self) -> int:
         return self.tokens.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
 
 
-def pad_collate(samples: Sequence[Sample]) -> Batch:
-    """Right-pad to the longest sample in the batch (not to ctx_len); padded targets are masked out."""
-    width = max(s.n_inputs for s in samples)
-    tokens = torch.full((len(samples), width), PAD_ID, dtype=torch.long)
+def pad_collate(samples: Sequence[Sample], multiple: int = 1, rows: int = 0) -> Batch:
+    """Right-pad to the longest sample in the batch (not to ctx_len); padded targets are masked out.
+
+    `multiple` rounds the width up to a multiple of it and `rows` adds empty rows up to that many, so batches
+    come in few shapes (a CUDA-graphed step is captured once per shape).
+    """
+    longest = max(s.n_inputs for s in samples)
+    width = -(-longest // multiple) * multiple
+    tokens = torch.full((max(len(samples), rows), width), PAD_ID, dtype=torch.long)
     targets = torch.full_like(tokens, PAD_ID)
-    mask = torch.zeros(len(samples), width, dtype=torch.bool)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, s in enumerate(samples):
         n = s.n_inputs
         tokens[row, :n] = torch.tensor(s.ids[:-1])
         targets[row, :n] = torch.tensor(s.ids[1:])
         mask[row, :n] = torch.tensor(s.mask[1:])
-    return Batch(tokens, targets, mask, None, sum(s.n_inputs for s in samples))
+    return Batch(tokens, targets, mask, None, sum(s.n_inputs for s in samples), int(mask.sum()))
 
 
 def pack_collate(samples: Sequence[Sample]) -> Batch:
@@ -273,5 +281,5 @@ def pack_collate(samples: Sequence[Sample]) -> Batch:
     targets = torch.tensor([t for s in samples for t in s.ids[1:]]).unsqueeze(0)
     mask = torch.tensor([m for s in samples for m in s.mask[1:]]).unsqueeze(0)
     lengths = torch.tensor([0] + [s.n_inputs for s in samples])
-    return Batch(tokens, targets, mask, torch.cumsum(lengths, 0), int(lengths.sum()))
+    return Batch(tokens, targets, mask, torch.cumsum(lengths, 0), int(lengths.sum()), int(mask.sum()))
 

@@ -177,11 +177,18 @@ class RWKV7(nn.Module):
             raise ValueError(f"tokens must be a non-empty [B, T] LongTensor, got shape {tuple(tokens.shape)}")
         if cu_seqlens is not None and tokens.shape[0] != 1:
             raise ValueError(f"cu_seqlens needs tokens of shape [1, total], got {tuple(tokens.shape)}")
-        n_seq = tokens.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        hidden, final = self.run_blocks(self.embed(tokens), state, cu_seqlens)
+        return (hidden if return_hidden else self.head(hidden)), final
+
+    def run_blocks(self, x: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None
+                   ) -> tuple[Tensor, RWKVState]:
+        """Embedding rows `x [B, T, C]` → (normalized hidden states `[B, T, C]`, final state): `forward`
+        without the lookup and the head, for callers that embed themselves (a CUDA-graphed training step)."""
+        n_seq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if state is None:
             state = RWKVState.zeros(self.config, n_seq, self.device, self.dtype)
         state = state.expand(n_seq)
-        x = self.blocks[0].ln0(self.embed(tokens))
+        x = self.blocks[0].ln0(x)
         v_first = None
         att_shift, wkv, ffn_shift = [], [], []
         for i, block in enumerate(self.blocks):
@@ -191,8 +198,7 @@ class RWKV7(nn.Module):
             wkv.append(w_s)
             ffn_shift.append(f_s)
         final = RWKVState(att_shift=torch.stack(att_shift), wkv=torch.stack(wkv), ffn_shift=torch.stack(ffn_shift))
-        hidden = self.ln_out(x)
-        return (hidden if return_hidden else self.head(hidden)), final
+        return self.ln_out(x), final
 
     def step(self, token_ids: Tensor, state: RWKVState | None = None) -> tuple[Tensor, RWKVState]:
         """One RNN step: `token_ids [B]` → (logits [B, V], state). Same maths as `forward` with T = 1."""

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from rwkv7.data import Batch, BucketBatchSampler
+from rwkv7.graphs import GraphedLoss
 from rwkv7.model import RWKV7
 from rwkv7.state import RWKVState
 
@@ -56,6 +57,7 @@ class OptimSettings:
     loss_chunk: int = 1024
     grad_cp: bool = False
     compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
+    cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (fixed-shape padded batches)
 
 
 def lr_at(step: int, s: OptimSettings) -> float:
@@ -75,6 +77,11 @@ def lr_at(step: int, s: OptimSettings) -> float:
 def _chunk_ce(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     """Summed cross-entropy of `hidden [M, C]` against `targets [M]` (logits in float32)."""
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _chunk_ce_weighted(head: nn.Module, hidden: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Σ weights · cross-entropy of `hidden [M, C]` against `targets [M]`: a 0/1 mask without indexing."""
+    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
 
 
 def _chunk_kl(head: nn.Module, hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
@@ -124,6 +131,7 @@ class StateTuner(L.LightningModule):
         self.history: list[dict[str, Any]] = []
         self.register_buffer("last_good", self.state_wkv.detach().clone(), persistent=False)
         self._teacher: RWKVState | None = None
+        self._graphed: GraphedLoss | None = None
         self._batches_in_epoch = 0
         self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "slots": 0}
         self._step_t0 = 0.0
@@ -155,8 +163,22 @@ class StateTuner(L.LightningModule):
         total = rows.new_zeros((), dtype=torch.float32)
         for start in range(0, n, self.optim.loss_chunk):
             part = slice(start, start + self.optim.loss_chunk)
-            total = total + checkpoint(fn, self.model.head, rows[part], others[part], use_reentrant=False)
+            total = total + checkpoint(fn, self.model.head, rows[part], others[part], use_reentrant=False,
+                                       preserve_rng_state=False)
         return total, n
+
+    def dense_loss(self, x: Tensor, targets: Tensor, weights: Tensor, state_wkv: Tensor) -> Tensor:
+        """Summed cross-entropy over all `[B, T]` positions of embedded rows `x [B, T, C]`, weighted by
+        `weights` (the loss mask as 0/1 floats): `batch_loss` without any data-dependent shape, so it can be
+        captured in a CUDA graph (every position goes through the head; masked ones count zero)."""
+        hidden, _ = self.model.run_blocks(x, RWKVState.from_wkv(state_wkv))
+        rows, targets, weights = hidden.flatten(0, 1), targets.flatten(), weights.flatten()
+        total = rows.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[0], self.optim.loss_chunk):
+            part = slice(start, start + self.optim.loss_chunk)
+            total = total + checkpoint(_chunk_ce_weighted, self.model.head, rows[part], targets[part], weights[part],
+                                       use_reentrant=False, preserve_rng_state=False)
+        return total
 
     def _teacher_state(self) -> RWKVState:
         if self._teacher is None:
@@ -166,8 +188,14 @@ class StateTuner(L.LightningModule):
                 _, self._teacher = self.model(prefix)
         return self._teacher
 
+    def graphed_loss(self, batch: Batch) -> tuple[Tensor, int]:
+        """`batch_loss` of a padded batch through the CUDA graph of its shape (captured on first sight)."""
+        assert self._graphed is not None and batch.cu_seqlens is None and self.distill_prefix is None
+        x = self.model.embed(batch.tokens)
+        return self._graphed(x, batch.targets, batch.loss_mask.float(), self.state_wkv), batch.n_targets
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss_sum, n = self.batch_loss(batch)
+        loss_sum, n = self.graphed_loss(batch) if self._graphed is not None else self.batch_loss(batch)
         loss = loss_sum / max(n, 1)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -213,8 +241,10 @@ class StateTuner(L.LightningModule):
         `compile`: each block's time-mix and channel-mix go through torch.compile (the WKV kernel stays outside
         the graphs: `rwkv7.wkv.wkv7` is opaque to the compiler), which fuses the elementwise work into fewer
         kernels (+7 % tokens/s measured on a 1.5B step on an H200, where most host time is spent elsewhere).
-        `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing). All three are
-        undone in on_fit_end, so the model class stays free of training concerns.
+        `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing).
+        `cuda_graphs`: training batches (padded, fixed shapes) run through `dense_loss` captured in a CUDA graph
+        per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
+        All are undone in on_fit_end, so the model class stays free of training concerns.
         """
         if self.embedding_on_host and self.model.device.type == "cuda":
             self.model.emb.to("cpu")  # Lightning moved the whole module to the GPU; the table goes back
@@ -223,9 +253,15 @@ class StateTuner(L.LightningModule):
             compile_mixers(self.model, self.optim.compile)
         if self.optim.grad_cp:
             for block in self.model.blocks:
-                block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+                block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False,
+                                                  preserve_rng_state=False)  # no randomness in the model
+        if self.optim.cuda_graphs:
+            if self.model.device.type != "cuda" or self.distill_prefix is not None:
+                raise ValueError("cuda_graphs needs a CUDA device and the cross-entropy loss (no distill_prefix)")
+            self._graphed = GraphedLoss(self.dense_loss)
 
     def on_fit_end(self) -> None:
+        self._graphed = None
         for block in self.model.blocks:
             for module in (block, block.att, block.ffn):
                 module.__dict__.pop("forward", None)

@@ -107,3 +107,12 @@ def test_pad_and_pack_collate_hold_the_same_tokens() -> None:
     assert packed.tokens.tolist() == [[1, 2, 3, 5]] and packed.targets.tolist() == [[2, 3, 4, 6]]
     assert packed.cu_seqlens.tolist() == [0, 3, 4] and packed.n_real == 4 and packed.n_sequences == 2
     assert torch.equal(packed.loss_mask[0], padded.loss_mask[padded.tokens != 0])
+    assert padded.n_targets == packed.n_targets == 3
+
+
+def test_pad_collate_rounds_the_width_and_adds_empty_rows_for_fixed_shapes() -> None:
+    samples = [Sample([1, 2, 3, 4], [False, False, True, True], "a"), Sample([5, 6], [True, True], "b")]
+    batch = pad_collate(samples, multiple=4, rows=3)
+    assert batch.tokens.tolist() == [[1, 2, 3, 0], [5, 0, 0, 0], [0, 0, 0, 0]]
+    assert batch.loss_mask.sum() == 3 and batch.n_targets == 3 and batch.n_real == 4
+    assert pad_collate(samples, multiple=3).tokens.shape == (2, 3)  # already a multiple: no extra column

@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from rwkv7.checkpoint import random_checkpoint, save_checkpoint
 from rwkv7.cli import app
-from rwkv7.data import DatasetError
+from rwkv7.data import DatasetError, pad_collate
 from rwkv7.model import load_model
 from rwkv7.state import load_state
-from rwkv7.train import CSV_FIELDS, TrainingError, TrainParams, train_state
+from rwkv7.train import (CSV_FIELDS, TrainingError, TrainParams, graph_width_multiple, train_state, training_collate,
+                         use_cuda_graphs)
 
 N_SAMPLES, MICRO_BSZ = 12, 4  # 3 batches per epoch
 FAST = {"ctx_len": 40, "micro_bsz": MICRO_BSZ, "lr_init": 0.5, "lr_final": 0.05, "warmup_steps": 2,
@@ -174,3 +175,23 @@ def test_gradient_accumulation_counts_optimizer_steps_over_whole_epochs(world_mo
     assert metrics["steps"] == 4 == len(rows)  # 3 micro-batches per epoch → 2 optimizer steps per epoch
     assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 2]
     assert metrics["real_tokens"] == 2 * metrics["data"]["tokens"]
+
+
+def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world_model: Path, dialogues: Path,
+                                                                            tmp_path: Path) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_cuda_graphs(TrainParams(), cpu)  # auto: off on CPU, where the padded collate stays plain
+    assert training_collate(TrainParams(), cpu) is pad_collate
+    assert use_cuda_graphs(TrainParams(), cuda)
+    assert not use_cuda_graphs(TrainParams(precision="nf4"), cuda) and use_cuda_graphs(
+        TrainParams(precision="nf4", cuda_graphs="on"), cuda)
+    assert not use_cuda_graphs(TrainParams(devices=2), cuda) and not use_cuda_graphs(TrainParams(cuda_graphs="off"), cuda)
+    assert not use_cuda_graphs(TrainParams(distill_prompt="Be NEGA."), cuda)
+    collate = training_collate(TrainParams(ctx_len=512, micro_bsz=3), cuda)
+    assert collate.keywords == {"multiple": 64, "rows": 3}
+    assert graph_width_multiple(512) == 64 and graph_width_multiple(1024) == 64 and graph_width_multiple(4096) == 256
+    with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):
+        use_cuda_graphs(TrainParams(cuda_graphs="on", distill_prompt="Be NEGA."), cuda)
+    with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):
+        train_state(world_model, dialogues, tmp_path / "out", TrainParams(**FAST, device="cpu", cuda_graphs="on"))
+    assert not (tmp_path / "out").exists()

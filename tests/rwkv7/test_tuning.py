@@ -74,6 +74,41 @@ def test_a_samples_loss_is_the_same_alone_padded_in_a_batch_and_packed() -> None
     assert packed.item() == pytest.approx(sum(alone).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("grad_cp", [False, True])
+def test_dense_loss_of_a_shape_padded_batch_equals_the_masked_loss_and_its_state_gradient(grad_cp: bool) -> None:
+    """`dense_loss` (what a CUDA graph captures: every position through the head, mask as weights, widths and
+    rows padded to fixed shapes) is the masked `batch_loss` in value and in d(initial state)."""
+    samples = [token_samples(1, n, seed=n)[0] for n in (5, 17, 9)]
+    results = []
+    for dense in (False, True):
+        module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp,
+                                                        loss_chunk=7))
+        with torch.no_grad():
+            module.state_wkv.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+        module.on_fit_start()
+        if dense:
+            batch = pad_collate(samples, multiple=8, rows=5)
+            assert batch.tokens.shape == (5, 24) and batch.n_targets == int(batch.loss_mask.sum())
+            loss = module.dense_loss(module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(),
+                                     module.state_wkv)
+            n = batch.n_targets
+        else:
+            loss, n = module.batch_loss(pad_collate(samples))
+        loss.backward()
+        module.on_fit_end()
+        results.append((loss.item(), n, module.state_wkv.grad.clone()))
+    (masked, n_masked, g_masked), (dense_loss, n_dense, g_dense) = results
+    assert n_dense == n_masked == sum(sum(s.mask[1:]) for s in samples)
+    assert dense_loss == pytest.approx(masked, rel=1e-5)
+    assert torch.allclose(g_dense, g_masked, rtol=1e-4, atol=1e-7) and g_masked.abs().sum() > 0
+
+
+def test_cuda_graphs_refuse_a_cpu_model() -> None:
+    module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, cuda_graphs=True))
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        module.on_fit_start()
+
+
 def test_activation_checkpointing_gives_the_same_gradient() -> None:
     batch = pad_collate(token_samples(3, 12, seed=4))
     grads = []
@@ -170,3 +205,36 @@ def test_packed_gpu_batch_matches_the_padded_cpu_reference() -> None:
     (cpu_loss, cpu_grad), (gpu_loss, gpu_grad) = results
     assert gpu_loss == pytest.approx(cpu_loss, rel=2e-2)
     assert F.cosine_similarity(cpu_grad, gpu_grad, dim=0) > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, fla)")
+@pytest.mark.parametrize("grad_cp", [False, True])
+def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(grad_cp: bool) -> None:
+    """The graphed loss (one capture per shape, shared pool) gives the eager `dense_loss` value and state
+    gradient, replay after replay, with the state changed in place between steps (as AdamW does)."""
+    pytest.importorskip("fla")
+    sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=0)
+    module = StateTuner(build_model(sd, inspect_checkpoint(sd), device="cuda"),
+                        OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp, loss_chunk=256,
+                                      cuda_graphs=True))
+    module.on_fit_start()
+    batches = [pad_collate([token_samples(1, n, seed=n + i)[0] for i in range(4)], multiple=64, rows=4)
+               for n in (100, 60, 120, 40)]  # widths 128, 64, 128, 64: two shapes, each replayed twice
+    g = torch.Generator().manual_seed(0)
+    for batch in batches:
+        batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
+        with torch.no_grad():
+            module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=g).cuda() * 0.3)
+        args = (module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(), module.state_wkv)
+        eager = module.dense_loss(*args)
+        (eager_grad,) = torch.autograd.grad(eager, module.state_wkv)
+        module.state_wkv.grad = None
+        graphed, n = module.graphed_loss(batch)
+        graphed.backward()
+        assert n == batch.n_targets
+        assert graphed.item() == pytest.approx(eager.item(), rel=1e-4)
+        assert torch.allclose(module.state_wkv.grad, eager_grad, rtol=2e-3, atol=1e-5)
+    assert sorted(s[0] for s in module._graphed.shapes) == [(4, 64, 128), (4, 128, 128)]
+    module.on_fit_end()
+    assert module._graphed is None

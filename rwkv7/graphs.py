@@ -1,0 +1,54 @@
+"""CUDA graphs for the training step: each batch shape is captured once, then every step is two replays.
+
+Why: a 1.5B state-tuning step launches ~10 k kernels (24 blocks, each a few dozen elementwise ops, the matmuls,
+fla's Triton kernels, and all of it again when activation checkpointing recomputes in backward). Launched one
+by one from Python they cost more host time than the GPU needs to run them (docs/design.md, BENCHMARKS.md); a
+replayed graph launches them all at once.
+
+Boundary: a loss function `fn(x, targets, weights, state) -> loss` whose tensors have fixed shapes (no
+data-dependent indexing, no host reads) in; a callable with the same signature out, differentiable in `state`
+through the captured backward (`torch.cuda.make_graphed_callables`). Graphs of all shapes share one memory
+pool: a step replays forward and backward of one shape before the next shape runs, so what one capture
+freed is free for the others. Arguments are copied into the captured buffers on each call (a device copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# Eager runs before a capture: the first compiles/autotunes every kernel (Triton, torch.compile), the second
+# runs them warm, so nothing lazy happens while capturing.
+WARMUP_ITERS = 2
+
+
+class GraphedLoss:
+    """`fn` captured per input shape on first use; `shapes` lists the captured ones."""
+
+    def __init__(self, fn: LossFn, warmup_iters: int = WARMUP_ITERS) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        self.fn = fn
+        self.warmup_iters = warmup_iters
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphed: dict[tuple[tuple[int, ...], ...], LossFn] = {}
+
+    @property
+    def shapes(self) -> list[tuple[tuple[int, ...], ...]]:
+        return list(self._graphed)
+
+    def __call__(self, x: Tensor, targets: Tensor, weights: Tensor, state: Tensor) -> Tensor:
+        key = (tuple(x.shape), tuple(targets.shape), tuple(weights.shape))
+        graphed = self._graphed.get(key)
+        if graphed is None:
+            # The sample arguments become the captured input buffers: private copies, so the caller's first
+            # batch is not pinned; `state` (the trained parameter) is captured as it is and updated in place.
+            sample = (x.detach().clone(), targets.clone(), weights.clone(), state)
+            graphed = torch.cuda.make_graphed_callables(self.fn, sample, num_warmup_iters=self.warmup_iters,
+                                                        pool=self._pool)
+            torch.cuda.empty_cache()  # the eager warm-up's blocks; the graphs keep their own pool
+            self._graphed[key] = graphed
+        return graphed(x, targets, weights, state)
