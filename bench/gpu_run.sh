@@ -11,8 +11,8 @@
 #       speed  two GPUs: GPU 1 pretrains the demo model (pretrain/, PRETRAIN_S s of training; carry pretrain/data),
 #              then the evaluation-cost bench and the WKV check; GPU 0 the 1.5B rows: (a) eager and compiled,
 #              (b) bf16/int8/nf4, (c) eager and compiled
-#       graphs one GPU: the GPU tests (CUDA-graph replays vs eager), then 1.5B rows with CUDA graphs: (a) eager and
-#              compiled, (a) without grad_cp, (c), (b) bf16
+#       graphs one GPU: the GPU tests (CUDA-graph replays vs eager), then rows with CUDA graphs: 1.5B (a) compiled and
+#              eager, (c) compiled, (b) bf16, then 0.1B, 0.4B, 2.9B (a) compiled
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
 #       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
 #              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
@@ -182,10 +182,10 @@ case "$PLAN" in
     ;;
   graphs)
     gpu_tests 150 0
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile off,on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --grad-cp off
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on,off
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
+    run_on 0 $(($(left) - 20)) --models 0.1b,0.4b,2.9b --workloads a --graphs on --compile on
     ;;
   wkv)  # two GPUs: the WKV check in bf16 (GPU 0, then the GPU tests there) and in fp32 (GPU 1) side by side
     ( wkv_check 1 $(($(left) - 15)) fp32 ) &

@@ -44,11 +44,20 @@ class GraphedLoss:
         key = (tuple(x.shape), tuple(targets.shape), tuple(weights.shape))
         graphed = self._graphed.get(key)
         if graphed is None:
-            # The sample arguments become the captured input buffers: private copies, so the caller's first
-            # batch is not pinned; `state` (the trained parameter) is captured as it is and updated in place.
-            sample = (x.detach().clone(), targets.clone(), weights.clone(), state)
-            graphed = torch.cuda.make_graphed_callables(self.fn, sample, num_warmup_iters=self.warmup_iters,
-                                                        pool=self._pool)
-            torch.cuda.empty_cache()  # the eager warm-up's blocks; the graphs keep their own pool
-            self._graphed[key] = graphed
+            graphed = self._graphed[key] = self._capture(x, targets, weights, state)
         return graphed(x, targets, weights, state)
+
+    def _capture(self, x: Tensor, targets: Tensor, weights: Tensor, state: Tensor) -> LossFn:
+        """Warm up eagerly, hand the warm-up's cached blocks back, then capture forward and backward.
+
+        The captured input buffers are private copies (the caller's first batch is not pinned), except the
+        state: the capture reads a detached alias of its storage (AdamW updates it in place, and a replay sees
+        the new values) and leaves the parameter's own gradient accumulator out of the capture, so a live
+        autograd graph elsewhere (a previous step's loss, DDP's hooks) cannot leak into it.
+        """
+        sample = (x.detach().clone(), targets.clone(), weights.clone(), state.detach().requires_grad_())
+        for _ in range(self.warmup_iters):
+            torch.autograd.grad(self.fn(*sample), sample[-1])
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # else the eager warm-up's blocks stay cached next to the graph's pool
+        return torch.cuda.make_graphed_callables(self.fn, sample, num_warmup_iters=0, pool=self._pool)

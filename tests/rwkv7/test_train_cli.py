@@ -188,8 +188,8 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
     assert not use_cuda_graphs(TrainParams(devices=2), cuda) and not use_cuda_graphs(TrainParams(cuda_graphs="off"), cuda)
     assert not use_cuda_graphs(TrainParams(distill_prompt="Be NEGA."), cuda)
     collate = training_collate(TrainParams(ctx_len=512, micro_bsz=3), cuda)
-    assert collate.keywords == {"multiple": 64, "rows": 3}
-    assert graph_width_multiple(512) == 64 and graph_width_multiple(1024) == 64 and graph_width_multiple(4096) == 256
+    assert collate.keywords == {"multiple": 32, "rows": 3}
+    assert graph_width_multiple(512) == 32 and graph_width_multiple(1024) == 64 and graph_width_multiple(4096) == 256
     with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):
         use_cuda_graphs(TrainParams(cuda_graphs="on", distill_prompt="Be NEGA."), cuda)
     with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):

@@ -227,8 +227,8 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
         with torch.no_grad():
             module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=g).cuda() * 0.3)
         args = (module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(), module.state_wkv)
-        eager = module.dense_loss(*args)
-        (eager_grad,) = torch.autograd.grad(eager, module.state_wkv)
+        eager = module.dense_loss(*args)  # its autograd graph stays alive during the capture: no harm
+        (eager_grad,) = torch.autograd.grad(eager, module.state_wkv, retain_graph=True)
         module.state_wkv.grad = None
         graphed, n = module.graphed_loss(batch)
         graphed.backward()
