@@ -13,6 +13,8 @@
 #              (b) bf16/int8/nf4, (c) eager and compiled
 #       graphs one GPU: the GPU tests (CUDA-graph replays vs eager), then rows with CUDA graphs: 1.5B (a) compiled and
 #              eager, (c) compiled, (b) bf16, then 0.1B, 0.4B, 2.9B (a) compiled
+#       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
+#              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
 #       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
 #              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
@@ -187,6 +189,11 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
     run_on 0 $(($(left) - 20)) --models 0.1b,0.4b,2.9b --workloads a --graphs on --compile on
     ;;
+  sizes)
+    run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --emb-host off
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs off --precisions bf16,int8,nf4
+    ;;
   wkv)  # two GPUs: the WKV check in bf16 (GPU 0, then the GPU tests there) and in fp32 (GPU 1) side by side
     ( wkv_check 1 $(($(left) - 15)) fp32 ) &
     side=$!
@@ -194,7 +201,7 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

@@ -26,7 +26,8 @@ first forward/backward/optimizer step); and the loss of the last step (`final_lo
 five (`loss_last5`). Prints one table last and appends rows to `--json`.
 Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
 `--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
-or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`.
+or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`; `--emb-host off` keeps the embedding
+table on the GPU.
 `--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
 On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.
 """
@@ -112,6 +113,7 @@ class Spec:
     nvml_period: float = NVML_PERIOD_S  # 0: no NVML sampling (then no whole-process peak)
     pyprofile: bool = False  # cProfile of PYPROFILE_STEPS steps after warm-up (where the CPU time goes)
     graphs: bool = False  # TrainParams.cuda_graphs on (padded fixed-shape batches, replayed graphs) or off (packed)
+    emb_host: bool = True  # TrainParams.embedding_on_host
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -272,7 +274,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
                          lr_final=spec.lr / 100, grad_cp=spec.grad_cp, loss_chunk=spec.loss_chunk,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
                          progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
-                         compile=spec.compile, cuda_graphs="on" if spec.graphs else "off")
+                         compile=spec.compile, cuda_graphs="on" if spec.graphs else "off",
+                         embedding_on_host=spec.emb_host)
     device = torch.device(spec.device)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=training_collate(params, device))
     module = StateTuner(model, _optim(params, spec.steps, use_cuda_graphs(params, device)), sampler,
@@ -304,7 +307,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     losses = [r["loss"] for r in history]
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
-        "grad_cp": spec.grad_cp, "compile": spec.compile, "graphs": spec.graphs, "nvml_period": spec.nvml_period,
+        "grad_cp": spec.grad_cp, "compile": spec.compile, "graphs": spec.graphs, "emb_host": spec.emb_host,
+        "nvml_period": spec.nvml_period,
         "fla_chunk": spec.fla_chunk, "devices": spec.devices,
         "tokens_per_s": per_rank * spec.devices,
         "tokens_per_s_mean": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed) * spec.devices,
@@ -325,7 +329,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 def row_name(spec: Spec) -> str:
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
-            f"g{int(spec.graphs)}-k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
+            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
 
 
 def _profiler_callback_class() -> type:
@@ -425,7 +429,7 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     graphs = [x == "on" for x in split(args.graphs or ("on" if args.device == "cuda" else "off"))]
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
-                 nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg)
+                 nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on")
             for m, w, p, g, c, cg, f in itertools.product(split(args.models), split(args.workloads),
                                                           split(args.precisions), grad_cps, compiles, graphs,
                                                           split(args.fla_chunk))]
@@ -483,6 +487,8 @@ def main() -> int:
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
+    parser.add_argument("--emb-host", default="on", choices=("on", "off"),
+                        help="TrainParams.embedding_on_host (off: the embedding table on the GPU)")
     parser.add_argument("--fla-chunk", default="64", help="comma list of 64 (with the decay bound), 16 (fla default)")
     parser.add_argument("--devices", type=int, default=1, help="GPUs per row (>1: Lightning DDP)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per row")
