@@ -152,7 +152,7 @@ def train(model: Path = MODEL_OPTION,
           compile: bool | None = typer.Option(None, "--compile/--no-compile",
                                               help="torch.compile the blocks (faster steps, slower first step)"),
           cuda_graphs: str | None = typer.Option(None, help="auto, on or off: replay each batch shape's captured "
-                                                 "CUDA graph (default auto: on for one GPU in bf16)"),
+                                                 "CUDA graph (default auto: on for CUDA in bf16)"),
           distill_prompt: str | None = typer.Option(None, help="learn a state that acts like this system prompt"),
           seed: int | None = typer.Option(None, help="seed for data order (default 42)"),
           device: str | None = typer.Option(None, help="auto, cpu or cuda (default auto)"),

@@ -84,8 +84,8 @@ class TrainParams(BaseModel):
                                              "kernels, fewer launches; the first step pays the compilation)")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="capture each batch shape's forward+backward in a CUDA graph and replay it (batches "
-                            "padded to widths in steps of 32 tokens); auto: on for one GPU in bf16 without "
-                            "distill_prompt, off elsewhere; on: also int8/nf4 and DDP (an error on CPU)")
+                            "padded to widths in steps of 32 tokens); auto: on for CUDA in bf16 without "
+                            "distill_prompt, off elsewhere; on: also int8/nf4 (an error on CPU)")
     loss_on: Literal["assistant", "all"] = "assistant"
     overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 42
@@ -287,7 +287,7 @@ def use_cuda_graphs(p: TrainParams, device: torch.device) -> bool:
     if p.cuda_graphs == "on" and not possible:
         raise TrainingError("cuda_graphs: on needs device cuda and no distill_prompt (the prompt-distillation loss "
                             "is not captured); use auto or off")
-    return possible and (p.cuda_graphs == "on" or (p.precision == "bf16" and p.devices == 1))
+    return possible and (p.cuda_graphs == "on" or p.precision == "bf16")
 
 
 def graph_width_multiple(ctx_len: int) -> int:

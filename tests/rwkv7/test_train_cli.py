@@ -185,7 +185,7 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
     assert use_cuda_graphs(TrainParams(), cuda)
     assert not use_cuda_graphs(TrainParams(precision="nf4"), cuda) and use_cuda_graphs(
         TrainParams(precision="nf4", cuda_graphs="on"), cuda)
-    assert not use_cuda_graphs(TrainParams(devices=2), cuda) and not use_cuda_graphs(TrainParams(cuda_graphs="off"), cuda)
+    assert use_cuda_graphs(TrainParams(devices=2), cuda) and not use_cuda_graphs(TrainParams(cuda_graphs="off"), cuda)
     assert not use_cuda_graphs(TrainParams(distill_prompt="Be NEGA."), cuda)
     collate = training_collate(TrainParams(ctx_len=512, micro_bsz=3), cuda)
     assert collate.keywords == {"multiple": 32, "rows": 3}
