@@ -14,6 +14,8 @@ freed is free for the others. Arguments are copied into the captured buffers on 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -23,6 +25,7 @@ LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # Eager runs before a capture: the first compiles/autotunes every kernel (Triton, torch.compile), the second
 # runs them warm, so nothing lazy happens while capturing.
 WARMUP_ITERS = 2
+log = logging.getLogger(__name__)
 
 
 class GraphedLoss:
@@ -55,9 +58,13 @@ class GraphedLoss:
         the new values) and leaves the parameter's own gradient accumulator out of the capture, so a live
         autograd graph elsewhere (a previous step's loss, DDP's hooks) cannot leak into it.
         """
+        t0 = time.perf_counter()
         sample = (x.detach().clone(), targets.clone(), weights.clone(), state.detach().requires_grad_())
         for _ in range(self.warmup_iters):
             torch.autograd.grad(self.fn(*sample), sample[-1])
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # else the eager warm-up's blocks stay cached next to the graph's pool
-        return torch.cuda.make_graphed_callables(self.fn, sample, num_warmup_iters=0, pool=self._pool)
+        graphed = torch.cuda.make_graphed_callables(self.fn, sample, num_warmup_iters=0, pool=self._pool)
+        log.info("captured a CUDA graph for batches of shape %s (shape %d, %.1f s)", tuple(x.shape[:2]),
+                 len(self._graphed) + 1, time.perf_counter() - t0)
+        return graphed

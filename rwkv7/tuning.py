@@ -8,6 +8,8 @@ Loss: next-token cross-entropy over the masked targets of a batch, or (with `dis
 divergence KL(teacher ‖ student) where the teacher is the same frozen model after reading the prefix
 (prompt distillation: the state learns what the prompt did). Only masked positions go through the head, in
 chunks of `loss_chunk` rows that are recomputed in backward, so no `[B, T, V]` float32 logits tensor exists.
+With CUDA graphs (`cuda_graphs`), `dense_loss` scores every position instead, the mask as 0/1 weights, so that
+no shape depends on the data.
 Per-step history (loss, lr, real tokens/s) is kept here and travels in checkpoints, so a resumed run reports
 its whole curve.
 """
