@@ -1,4 +1,5 @@
-"""The WKV-7 recurrence, in one place: a plain torch reference and the flash-linear-attention fast path.
+"""The WKV-7 recurrence, in one place: a plain torch reference, the flash-linear-attention fast path, and our
+own Triton kernels (`rwkv7.wkv_triton`, opt-in until measured on a GPU).
 
 Boundary: tensors in, tensors out. Per head, with the state S in [value, key] orientation (rows = value dim,
 columns = key dim, the BlinkDL / `rwkv` pip / RWKV-Runner convention):
@@ -9,8 +10,9 @@ so for RWKV-7 the model passes a = −κ and b = κ ⊙ iclr. fla keeps its stat
 at the boundary. The reference runs in float32 and is differentiable in every input, the initial state included.
 
 Backend choice (one dispatch, `wkv7`): explicit `backend=` argument, else `force_backend(...)` (tests), else the
-env var STATETUNE_WKV_BACKEND, else "fla" on CUDA and "reference" elsewhere. fla is imported lazily, so this
-module works where fla is not installed.
+env var STATETUNE_WKV_BACKEND, else "fla" on CUDA and "reference" elsewhere. fla and Triton are imported lazily,
+so this module works where they are not installed. "triton" runs on CUDA, or on CPU in Triton's interpreter
+(TRITON_INTERPRET=1, for tests); packed sequences go through it one at a time.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("reference", "fla")
+BACKENDS = ("reference", "fla", "triton")
 BACKEND_ENV = "STATETUNE_WKV_BACKEND"
 # Inference calls up to this length use fla's fused recurrent kernel (decoding); longer ones the chunk kernel.
 FUSED_RECURRENT_MAX_T = 64
@@ -60,6 +62,8 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
                               f"{BACKEND_ENV}); choose one of {BACKENDS}")
     if name == "fla" and device.type != "cuda":
         raise WKVBackendError(f"WKV backend 'fla' needs CUDA tensors, got device {device}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise WKVBackendError(f"WKV backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
     return name
 
 
@@ -76,15 +80,16 @@ def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     `log_decay` = log of the per-channel decay, in (−e^(−1/2), 0) for RWKV-7; the fla path relies on
     `log_decay ≥ FLA_LOG_DECAY_BOUND`.
     """
-    if select_backend(r.device, backend) == "fla":
+    name = select_backend(r.device, backend)
+    if name == "fla":
         return _fla(r, log_decay, k, v, a, b, initial_state, cu_seqlens)
+    run = wkv7_reference if name == "reference" else _triton()
     if cu_seqlens is None:
-        return wkv7_reference(r, log_decay, k, v, a, b, initial_state)
+        return run(r, log_decay, k, v, a, b, initial_state)
     bounds = cu_seqlens.tolist()
     outs, finals = [], []
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        out, final = wkv7_reference(*(x[:, start:end] for x in (r, log_decay, k, v, a, b)),
-                                    initial_state[i:i + 1])
+        out, final = run(*(x[:, start:end] for x in (r, log_decay, k, v, a, b)), initial_state[i:i + 1])
         outs.append(out)
         finals.append(final)
     return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
@@ -110,6 +115,14 @@ def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor
         outs.append(state @ r_t)
     out = torch.cat(outs, dim=-1).permute(0, 3, 1, 2) if outs else torch.zeros_like(v)
     return out.to(dtype), state
+
+
+def _triton() -> Callable[..., tuple[Tensor, Tensor]]:
+    try:
+        from rwkv7.wkv_triton import wkv7_triton
+    except ImportError as e:
+        raise WKVBackendError(f"WKV backend 'triton' needs the triton package: {e}") from e
+    return wkv7_triton
 
 
 def _fla(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor,
