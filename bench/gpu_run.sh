@@ -13,13 +13,14 @@
 #              (b) bf16/int8/nf4, (c) eager and compiled
 #       graphs one GPU: the GPU tests (CUDA-graph replays vs eager), then rows with CUDA graphs: 1.5B (a) compiled and
 #              eager, (c) compiled, (b) bf16, then 0.1B, 0.4B, 2.9B (a) compiled
+#       triton one GPU: our Triton WKV kernels against the reference and timed; 1.5B (a), (c) with them and with fla
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
 #       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
 #              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
 # SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
-# Writes to $OUT: run.log, gpu_check_wkv-<dtypes>.log, gpu_tests.log, train_speed.json, eval_speed.md,
+# Writes to $OUT: run.log, gpu_check_wkv-<backend>-<dtypes>.log, gpu_tests.log, train_speed.json, eval_speed.md,
 # logs.tgz (per-row logs and profiles), triton-cache.tgz (Triton kernels + autotune choices; unpack here with
 # `tar -xzf …/triton-cache.tgz -C .` and carry .triton next time) or, when that is too large to come back,
 # triton-autotune.tgz (autotune choices only), and inductor-cache.tgz (torch.compile's graphs) when small enough.
@@ -85,13 +86,14 @@ run_on() {
   CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" "${SPEED[@]}" --timeout "$secs" "$@"
 }
 
-# wkv_check GPU SECONDS [DTYPES]: bench/gpu_check_wkv.py; its table (rewritten after each case) in $OUT
+# wkv_check GPU SECONDS [DTYPES] [BACKEND]: bench/gpu_check_wkv.py; its table (rewritten after each case) in $OUT
 wkv_check() {
-  local gpu=$1 secs=$2 dtypes=${3:-bf16,fp32}
-  stamp "WKV check ($dtypes) on GPU $gpu"
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 bench/gpu_check_wkv.py --bench --dtypes "$dtypes" \
-    --log "$OUT/gpu_check_wkv-${dtypes//,/-}.log" > "$LOGS/gpu_check_wkv-${dtypes//,/-}.stdout" 2>&1
-  echo "gpu_check_wkv $dtypes rc=$?"
+  local gpu=$1 secs=$2 dtypes=${3:-bf16,fp32} backend=${4:-fla}
+  local tag="${backend}-${dtypes//,/-}"
+  stamp "WKV check ($backend, $dtypes) on GPU $gpu"
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 bench/gpu_check_wkv.py --backend "$backend" --bench \
+    --dtypes "$dtypes" --log "$OUT/gpu_check_wkv-$tag.log" > "$LOGS/gpu_check_wkv-$tag.stdout" 2>&1
+  echo "gpu_check_wkv $backend $dtypes rc=$?"
 }
 
 gpu_tests() {
@@ -99,7 +101,7 @@ gpu_tests() {
   stamp "GPU tests (pytest -m gpu)"
   [ "$secs" -gt 30 ] || { echo "GPU tests skipped (no time left)"; return 0; }
   CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider tests/rwkv7/test_gpu_quant.py tests/rwkv7/test_wkv.py \
-    tests/rwkv7/test_tuning.py \
+    tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py \
     > "$OUT/gpu_tests.log" 2>&1
   echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
 }
@@ -189,6 +191,11 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
     run_on 0 $(($(left) - 20)) --models 0.1b,0.4b,2.9b --workloads a --graphs on --compile on
     ;;
+  triton)  # one GPU: our Triton WKV kernels checked against the reference (bf16, fp32) and timed, then 1.5B (a)
+           # and (c) trained with them and with fla (graphs on)
+    wkv_check 0 150 bf16,fp32 triton
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --wkv triton,fla
+    ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --emb-host off
@@ -201,7 +208,7 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | sizes | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

@@ -27,7 +27,7 @@ five (`loss_last5`). Prints one table last and appends rows to `--json`.
 Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
 `--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
 or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`; `--emb-host off` keeps the embedding
-table on the GPU.
+table on the GPU; `--wkv fla,triton` picks the WKV kernels (rwkv7.wkv backends).
 `--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
 On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.
 """
@@ -114,6 +114,7 @@ class Spec:
     pyprofile: bool = False  # cProfile of PYPROFILE_STEPS steps after warm-up (where the CPU time goes)
     graphs: bool = False  # TrainParams.cuda_graphs on (padded fixed-shape batches, replayed graphs) or off (packed)
     emb_host: bool = True  # TrainParams.embedding_on_host
+    wkv: str = ""  # WKV backend (STATETUNE_WKV_BACKEND: fla, triton); "" = the default (fla on CUDA)
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -238,6 +239,8 @@ def load_like_train_state(sd: dict[str, Any], cfg: Any, spec: Spec, codec: Any =
 def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str, Any]:
     """Measure one row in this process; returns the JSON row."""
     os.environ["STATETUNE_FLA_CHUNK"] = spec.fla_chunk
+    if spec.wkv:
+        os.environ["STATETUNE_WKV_BACKEND"] = spec.wkv
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -308,6 +311,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
         "grad_cp": spec.grad_cp, "compile": spec.compile, "graphs": spec.graphs, "emb_host": spec.emb_host,
+        "wkv": spec.wkv or "default",
         "nvml_period": spec.nvml_period,
         "fla_chunk": spec.fla_chunk, "devices": spec.devices,
         "tokens_per_s": per_rank * spec.devices,
@@ -329,7 +333,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 def row_name(spec: Spec) -> str:
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
-            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
+            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvdefault'}-k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
 
 
 def _profiler_callback_class() -> type:
@@ -429,10 +433,11 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     graphs = [x == "on" for x in split(args.graphs or ("on" if args.device == "cuda" else "off"))]
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
-                 nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on")
-            for m, w, p, g, c, cg, f in itertools.product(split(args.models), split(args.workloads),
-                                                          split(args.precisions), grad_cps, compiles, graphs,
-                                                          split(args.fla_chunk))]
+                 nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
+                 wkv=wkv)
+            for m, w, p, g, c, cg, f, wkv in itertools.product(split(args.models), split(args.workloads),
+                                                               split(args.precisions), grad_cps, compiles, graphs,
+                                                               split(args.fla_chunk), split(args.wkv) or [""])]
 
 
 def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: Path | None = None
@@ -460,23 +465,35 @@ def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"| {'model':5} | wl | {'prec':4} | cp | cmp | gr | chunk | dev | {'tokens/s':>9} | {'step ms':>8} | "
+    """One line per row; `wkv` is the WKV kernel: fla with its chunk size (fla64, fla16) or our triton."""
+    head = (f"| {'model':5} | wl | {'prec':4} | cp | cmp | gr | {'wkv':6} | dev | {'tokens/s':>9} | {'step ms':>8} | "
             f"{'alloc GB':>8} | {'proc GB':>7} | {'1st step s':>10} | {'final loss':>10} | {'last5':>7} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
+        wkv = r.get("wkv") or "default"
+        wkv = f"fla{r['fla_chunk']}" if wkv in ("default", "fla") else wkv
+        start = (f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
+                 f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {wkv:6} | {r['devices']:3} | ")
         if "error" in r:
-            lines.append(f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
-                         f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {r['fla_chunk']:5} | {r['devices']:3} | ERROR {r['error'][:150]}")
+            lines.append(f"{start}ERROR {r['error'][:150]}")
             continue
 
         def num(key: str, fmt: str) -> str:
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
-        lines.append(f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
-                     f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {r['fla_chunk']:5} | {r['devices']:3} | {num('tokens_per_s', '9.0f')} | "
-                     f"{num('step_ms', '8.1f')} | {num('peak_alloc_gb', '8.2f')} | {num('peak_process_gb', '7.2f')} | "
+        lines.append(f"{start}{num('tokens_per_s', '9.0f')} | {num('step_ms', '8.1f')} | "
+                     f"{num('peak_alloc_gb', '8.2f')} | {num('peak_process_gb', '7.2f')} | "
                      f"{num('first_step_s', '10.1f')} | {num('final_loss', '10.4f')} | {num('loss_last5', '7.4f')} |")
     return "\n".join(lines)
+
+
+def append_json(path: Path, row: dict[str, Any]) -> None:
+    """Add `row` to the JSON list in `path` (created if missing), written atomically."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([*old, row], indent=1) + "\n")
+    tmp.replace(path)
 
 
 def main() -> int:
@@ -487,6 +504,7 @@ def main() -> int:
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
+    parser.add_argument("--wkv", default="", help="comma list of WKV backends (fla, triton); default: fla on CUDA")
     parser.add_argument("--emb-host", default="on", choices=("on", "off"),
                         help="TrainParams.embedding_on_host (off: the embedding table on the GPU)")
     parser.add_argument("--fla-chunk", default="64", help="comma list of 64 (with the decay bound), 16 (fla default)")
@@ -519,10 +537,8 @@ def main() -> int:
             run_isolated(spec, args.log_dir, args.timeout, args.profile_dir)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
-        old = json.loads(args.json.read_text()) if args.json.is_file() else []
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(old + rows, indent=1) + "\n")
+        if args.json:  # after every row, so a command cut by its time limit keeps what it measured
+            append_json(args.json, row)
     print(f"command: python bench/train_speed.py {' '.join(sys.argv[1:])}")
     print(table(rows))
     return 1 if any("error" in r for r in rows) else 0

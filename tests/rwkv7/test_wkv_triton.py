@@ -26,7 +26,7 @@ CHILD = textwrap.dedent('''
     from rwkv7.wkv import wkv7, wkv7_reference
     from rwkv7.wkv_triton import wkv7_triton
 
-    B, T, H, dtype_name, strongest_decay, packed = json.loads(sys.argv[1])
+    B, T, H, dtype_name, strongest_decay, packed, device = json.loads(sys.argv[1])
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
     def randn(*shape):
@@ -36,16 +36,17 @@ CHILD = textwrap.dedent('''
     kappa = F.normalize(randn(B, T, H, 64), dim=-1)
     iclr = torch.sigmoid(randn(B, T, H, 64))
     xs = [randn(B, T, H, 64), log_decay, randn(B, T, H, 64) * 0.5, randn(B, T, H, 64), -kappa, kappa * iclr]
-    xs = [x.to(dtype) for x in xs]
+    xs = [x.to(device, dtype) for x in xs]
     n_seq = 3 if packed else B
-    s0 = randn(n_seq, H, 64, 64) * 0.3
-    cu = torch.tensor([0, 5, 6, T]) if packed else None
+    s0 = (randn(n_seq, H, 64, 64) * 0.3).to(device)
+    cu = torch.tensor([0, 5, 6, T], device=device) if packed else None
     results = []
     for backend in ("triton", "reference"):
         leaves = [(x.float() if backend == "reference" else x).clone().requires_grad_() for x in (*xs, s0)]
         out, final = wkv7(*leaves, cu_seqlens=cu, backend=backend)
         g2 = torch.Generator().manual_seed(1)
-        loss = (out.float() * torch.randn(out.shape, generator=g2)).sum() + (final * torch.randn(final.shape, generator=g2)).sum()
+        loss = ((out.float() * torch.randn(out.shape, generator=g2).to(device)).sum()
+                + (final * torch.randn(final.shape, generator=g2).to(device)).sum())
         grads = torch.autograd.grad(loss, leaves)
         results.append([out.float(), final, *(x.float() for x in grads)])
     names = ["out", "final", "dr", "dlog_decay", "dk", "dv", "da", "db", "dinitial_state"]
@@ -54,9 +55,12 @@ CHILD = textwrap.dedent('''
 
 
 def errors(B: int, T: int, H: int, dtype: str = "float32", strongest_decay: bool = False,
-           packed: bool = False) -> dict[str, float]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps([B, T, H, dtype, strongest_decay, packed])],
+           packed: bool = False, device: str = "cpu") -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", CHILD,
+                           json.dumps([B, T, H, dtype, strongest_decay, packed, device])],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,3 +84,11 @@ def test_bf16_inputs_and_packed_sequences_go_through_the_dispatch() -> None:
     5, 1 and 26 tokens, each from its own initial state."""
     errs = errors(B=1, T=32, H=2, dtype="bfloat16", packed=True)
     assert all(e < 1.5e-2 for e in errs.values()), errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype, limit", [("float32", 1e-4), ("bfloat16", 1.5e-2)])
+def test_compiled_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float) -> None:
+    errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda")
+    assert all(e < limit for e in errs.values()), errs
