@@ -86,8 +86,11 @@ def test_backend_dispatch_and_overrides(monkeypatch):
     assert select_backend(cpu) == "reference"
     with force_backend("fla"), pytest.raises(WKVBackendError, match="needs CUDA"):
         select_backend(cpu)
+    with force_backend("triton"), pytest.raises(WKVBackendError, match="needs CUDA tensors \\(or TRITON_INTERPRET=1\\)"):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        select_backend(cpu)
     with pytest.raises(WKVBackendError, match="unknown WKV backend"):
-        with force_backend("triton"):
+        with force_backend("cuda-graphs"):
             pass
     monkeypatch.setenv(BACKEND_ENV, "nope")
     with pytest.raises(WKVBackendError, match=BACKEND_ENV):
