@@ -28,6 +28,20 @@ CHUNK = 16
 
 
 @triton.jit
+def _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec):
+    """The six input vectors of one (row, step, head) in float32; w is the decay itself (exp of log_decay)."""
+    r = tl.load(r_ptr + off + vec).to(tl.float32)
+    w = tl.exp(tl.load(w_ptr + off + vec).to(tl.float32))
+    k = tl.load(k_ptr + off + vec).to(tl.float32)
+    v = tl.load(v_ptr + off + vec).to(tl.float32)
+    a = tl.load(a_ptr + off + vec).to(tl.float32)
+    b = tl.load(b_ptr + off + vec).to(tl.float32)
+    return r, w, k, v, a, b
+
+
+# Both kernels load step t ± 1 while computing step t (software prefetch: the loads do not depend on the state,
+# so their latency hides behind the reductions of the current step).
+@triton.jit
 def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, out_ptr, sa_ptr, ckpt_ptr, final_ptr,
          T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, CHUNK_: tl.constexpr):
     pid = tl.program_id(0)  # = b * H + h
@@ -38,14 +52,11 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, out_ptr, sa_ptr, ckpt
     vec = tl.arange(0, N)
     S = tl.load(s0_ptr + pid * N * N + rows * N + cols)
     base = b_idx * T * H * N + h_idx * N
+    off = base
+    r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec)
     for t in range(T):
-        off = base + t * H * N
-        r = tl.load(r_ptr + off + vec).to(tl.float32)
-        w = tl.exp(tl.load(w_ptr + off + vec).to(tl.float32))
-        k = tl.load(k_ptr + off + vec).to(tl.float32)
-        v = tl.load(v_ptr + off + vec).to(tl.float32)
-        a = tl.load(a_ptr + off + vec).to(tl.float32)
-        b = tl.load(b_ptr + off + vec).to(tl.float32)
+        nxt = base + (t + 1 - (t + 1) // T) * H * N  # step t + 1, or t itself at the end
+        r_n, w_n, k_n, v_n, a_n, b_n = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec)
         sa = tl.sum(S * a[None, :], axis=1)
         S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
         out = tl.sum(S * r[None, :], axis=1)
@@ -53,6 +64,8 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, out_ptr, sa_ptr, ckpt
         tl.store(sa_ptr + off + vec, sa)
         if (t + 1) % CHUNK_ == 0:
             tl.store(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + rows * N + cols, S)
+        r, w, k, v, a, b = r_n, w_n, k_n, v_n, a_n, b_n
+        off = nxt
     tl.store(final_ptr + pid * N * N + rows * N + cols, S)
 
 
@@ -69,20 +82,18 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sa_ptr, ckpt_ptr, final_ptr, 
     S = tl.load(final_ptr + pid * N * N + rows * N + cols)  # S_t for t = T - 1
     dS = tl.load(dfinal_ptr + pid * N * N + rows * N + cols)
     base = b_idx * T * H * N + h_idx * N
+    off = base + (T - 1) * H * N
+    r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec)
+    sa = tl.load(sa_ptr + off + vec)
+    dout = tl.load(dout_ptr + off + vec).to(tl.float32)
     for i in range(T):
         t = T - 1 - i
+        nxt = base + (t - 1 + (T - t) // T) * H * N  # step t - 1, or t itself at the start
+        r_n, w_n, k_n, v_n, a_n, b_n = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec)
+        sa_n = tl.load(sa_ptr + nxt + vec)
+        dout_n = tl.load(dout_ptr + nxt + vec).to(tl.float32)
         if (t + 1) % CHUNK_ == 0:  # re-anchor on the exact state the forward pass kept
             S = tl.load(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + rows * N + cols)
-        off = base + t * H * N
-        r = tl.load(r_ptr + off + vec).to(tl.float32)
-        log_w = tl.load(w_ptr + off + vec).to(tl.float32)
-        w = tl.exp(log_w)
-        k = tl.load(k_ptr + off + vec).to(tl.float32)
-        v = tl.load(v_ptr + off + vec).to(tl.float32)
-        a = tl.load(a_ptr + off + vec).to(tl.float32)
-        b = tl.load(b_ptr + off + vec).to(tl.float32)
-        sa = tl.load(sa_ptr + off + vec)
-        dout = tl.load(dout_ptr + off + vec).to(tl.float32)
         # out_t = S_t r_t
         dS += dout[:, None] * r[None, :]
         dr = tl.sum(S * dout[:, None], axis=0)
@@ -102,6 +113,8 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sa_ptr, ckpt_ptr, final_ptr, 
         tl.store(dv_ptr + off + vec, dv.to(dv_ptr.dtype.element_ty))
         tl.store(da_ptr + off + vec, da.to(da_ptr.dtype.element_ty))
         tl.store(db_ptr + off + vec, db.to(db_ptr.dtype.element_ty))
+        r, w, k, v, a, b, sa, dout = r_n, w_n, k_n, v_n, a_n, b_n, sa_n, dout_n
+        off = nxt
     tl.store(ds0_ptr + pid * N * N + rows * N + cols, dS)
 
 
