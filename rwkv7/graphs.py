@@ -28,6 +28,10 @@ WARMUP_ITERS = 2
 log = logging.getLogger(__name__)
 
 
+class CaptureError(RuntimeError):
+    """A batch shape could not be captured (out of memory, or an operation that graphs do not allow)."""
+
+
 class GraphedLoss:
     """`fn` captured per input shape on first use; `shapes` lists the captured ones."""
 
@@ -47,7 +51,12 @@ class GraphedLoss:
         key = (tuple(x.shape), tuple(targets.shape), tuple(weights.shape))
         graphed = self._graphed.get(key)
         if graphed is None:
-            graphed = self._graphed[key] = self._capture(x, targets, weights, state)
+            try:
+                graphed = self._graphed[key] = self._capture(x, targets, weights, state)
+            except (RuntimeError, torch.AcceleratorError) as e:
+                raise CaptureError(f"capturing a CUDA graph for batches of shape {tuple(x.shape[:2])} failed "
+                                   f"({type(e).__name__}: {e}); train with cuda_graphs: off (--cuda-graphs off) "
+                                   "to run without graphs") from e
         return graphed(x, targets, weights, state)
 
     def _capture(self, x: Tensor, targets: Tensor, weights: Tensor, state: Tensor) -> LossFn:

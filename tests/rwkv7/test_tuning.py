@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
 from rwkv7.data import BucketBatchSampler, Sample, pack_collate, pad_collate
+from rwkv7.graphs import CaptureError, GraphedLoss
 from rwkv7.model import RWKV7, build_model
 from rwkv7.state import RWKVState
 from rwkv7.tuning import OptimSettings, StateTuner, lr_at
@@ -238,3 +239,17 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
     assert sorted(s[0] for s in module._graphed.shapes) == [(4, 64, 128), (4, 128, 128)]
     module.on_fit_end()
     assert module._graphed is None
+
+
+def test_a_failed_capture_names_the_shape_and_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    graphed = GraphedLoss.__new__(GraphedLoss)  # no CUDA here: only the error path is exercised
+    graphed._graphed = {}
+
+    def out_of_memory(*args: torch.Tensor) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(graphed, "_capture", out_of_memory)
+    with pytest.raises(CaptureError, match=r"shape \(2, 64\) failed \(RuntimeError: CUDA out of memory\).*"
+                                           r"cuda_graphs: off"):
+        graphed(torch.zeros(2, 64, 8), torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 64), torch.zeros(1))
+    assert graphed.shapes == []
