@@ -28,6 +28,23 @@ WARMUP_ITERS = 2
 log = logging.getLogger(__name__)
 
 
+class OwnGradient(torch.autograd.Function):
+    """Identity whose backward hands on a copy of the gradient.
+
+    A graphed backward returns its captured output buffer, which autograd would otherwise install as the
+    parameter's `.grad` itself; the next replay then overwrites it, so accumulating two micro-batches would give
+    twice the second one's gradient instead of their sum.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.clone()
+
+
 class CaptureError(RuntimeError):
     """A batch shape could not be captured (out of memory, or an operation that graphs do not allow)."""
 
@@ -57,7 +74,7 @@ class GraphedLoss:
                 raise CaptureError(f"capturing a CUDA graph for batches of shape {tuple(x.shape[:2])} failed "
                                    f"({type(e).__name__}: {e}); train with cuda_graphs: off (--cuda-graphs off) "
                                    "to run without graphs") from e
-        return graphed(x, targets, weights, state)
+        return graphed(x, targets, weights, OwnGradient.apply(state))
 
     def _capture(self, x: Tensor, targets: Tensor, weights: Tensor, state: Tensor) -> LossFn:
         """Warm up eagerly, hand the warm-up's cached blocks back, then capture forward and backward.

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
 from rwkv7.data import BucketBatchSampler, Sample, pack_collate, pad_collate
-from rwkv7.graphs import CaptureError, GraphedLoss
+from rwkv7.graphs import CaptureError, GraphedLoss, OwnGradient
 from rwkv7.model import RWKV7, build_model
 from rwkv7.state import RWKVState
 from rwkv7.tuning import OptimSettings, StateTuner, lr_at
@@ -237,6 +237,15 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
         assert graphed.item() == pytest.approx(eager.item(), rel=1e-4)
         assert torch.allclose(module.state_wkv.grad, eager_grad, rtol=2e-3, atol=1e-5)
     assert sorted(s[0] for s in module._graphed.shapes) == [(4, 64, 128), (4, 128, 128)]
+    # Gradient accumulation: two batches of one shape (the same captured graph) sum their state gradients.
+    expected = torch.zeros_like(module.state_wkv)
+    module.state_wkv.grad = None
+    for batch in (batches[0], batches[2]):
+        batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
+        args = (module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(), module.state_wkv)
+        expected += torch.autograd.grad(module.dense_loss(*args), module.state_wkv)[0]
+        module.graphed_loss(batch)[0].backward()
+    assert torch.allclose(module.state_wkv.grad, expected, rtol=2e-3, atol=1e-5)
     module.on_fit_end()
     assert module._graphed is None
 
@@ -253,3 +262,25 @@ def test_a_failed_capture_names_the_shape_and_the_way_out(monkeypatch: pytest.Mo
                                            r"cuda_graphs: off"):
         graphed(torch.zeros(2, 64, 8), torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 64), torch.zeros(1))
     assert graphed.shapes == []
+
+
+def test_own_gradient_keeps_accumulated_gradients_apart_from_a_reused_buffer() -> None:
+    """A graphed backward returns the same buffer every replay; through OwnGradient two backward passes sum."""
+    buffer = torch.zeros(3)
+
+    class Replayed(torch.autograd.Function):  # stands in for make_graphed_callables' autograd function
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN001
+            ctx.scale = scale
+            return (x * scale).sum()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+            buffer.fill_(ctx.scale)
+            return buffer.detach(), None
+
+    for wrap, expected in ((False, 4.0), (True, 3.0)):  # without the copy: twice the second pass (2 + 2)
+        param = torch.nn.Parameter(torch.ones(3))
+        for scale in (1.0, 2.0):
+            Replayed.apply(OwnGradient.apply(param) if wrap else param, scale).backward()
+        assert torch.equal(param.grad, torch.full((3,), expected))
