@@ -20,11 +20,13 @@ default CUDA backend stays fla until this one is measured on the GPU (`bench/gpu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 CHUNK = 16
+T_STEP = 64  # sequence lengths are padded to a multiple of this: one compiled kernel per 64 tokens of length
 
 
 @triton.jit
@@ -147,6 +149,14 @@ class _WKV7(torch.autograd.Function):
 
 def wkv7_triton(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
                 initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    """`wkv7` without packing through the Triton kernels: `(out [B, T, H, N]` in r's dtype`, final [B, H, N, N])`."""
-    B = r.shape[0]
-    return _WKV7.apply(r, log_decay, k, v, a, b, initial_state.expand(B, -1, -1, -1))
+    """`wkv7` without packing through the Triton kernels: `(out [B, T, H, N]` in r's dtype`, final [B, H, N, N])`.
+
+    The kernels are compiled per sequence length, so T is padded up to a multiple of `T_STEP` with steps that
+    change nothing: zero r, k, v, a, b and log decay 0 (decay 1) leave the state as it was, so the final state
+    and every gradient are those of the unpadded sequence.
+    """
+    B, T = r.shape[:2]
+    pad = -T % T_STEP
+    inputs = [F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x for x in (r, log_decay, k, v, a, b)]
+    out, final = _WKV7.apply(*inputs, initial_state.expand(B, -1, -1, -1))
+    return (out[:, :T] if pad else out), final
