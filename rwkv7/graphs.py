@@ -70,7 +70,7 @@ class GraphedLoss:
         if graphed is None:
             try:
                 graphed = self._graphed[key] = self._capture(x, targets, weights, state)
-            except (RuntimeError, torch.AcceleratorError) as e:
+            except RuntimeError as e:  # CUDA errors (torch.AcceleratorError, out of memory) included
                 raise CaptureError(f"capturing a CUDA graph for batches of shape {tuple(x.shape[:2])} failed "
                                    f"({type(e).__name__}: {e}); train with cuda_graphs: off (--cuda-graphs off) "
                                    "to run without graphs") from e
