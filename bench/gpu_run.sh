@@ -13,7 +13,8 @@
 #              (b) bf16/int8/nf4, (c) eager and compiled
 #       graphs one GPU: the GPU tests (CUDA-graph replays vs eager), then rows with CUDA graphs: 1.5B (a) compiled and
 #              eager, (c) compiled, (b) bf16, then 0.1B, 0.4B, 2.9B (a) compiled
-#       triton one GPU: our Triton WKV kernels against the reference and timed; 1.5B (a), (c) with them and with fla
+#       triton one GPU: the GPU tests, our Triton WKV kernels against the reference and timed; 1.5B (a), (c) with
+#              them and with fla
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
@@ -191,8 +192,9 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
     run_on 0 $(($(left) - 20)) --models 0.1b,0.4b,2.9b --workloads a --graphs on --compile on
     ;;
-  triton)  # one GPU: our Triton WKV kernels checked against the reference (bf16, fp32) and timed, then 1.5B (a)
-           # and (c) trained with them and with fla (graphs on)
+  triton)  # one GPU: the GPU tests (graph accumulation, Triton kernels), our Triton WKV kernels checked against
+           # the reference (bf16, fp32) and timed, then 1.5B (a) and (c) trained with them and with fla (graphs on)
+    gpu_tests 150 0
     wkv_check 0 150 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --wkv triton,fla
     ;;
