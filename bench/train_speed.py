@@ -280,8 +280,10 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
                          compile=spec.compile, cuda_graphs="on" if spec.graphs else "off",
                          embedding_on_host=spec.emb_host)
     device = torch.device(spec.device)
-    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=training_collate(params, device))
-    module = StateTuner(model, _optim(params, spec.steps, use_cuda_graphs(params, device)), sampler,
+    graphs = use_cuda_graphs(params, device)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
+                                         collate_fn=training_collate(params, device, graphs))
+    module = StateTuner(model, _optim(params, spec.steps, graphs), sampler,
                         embedding_on_host=params.embedding_on_host)
     clock: dict[str, float] = {}
 
@@ -333,7 +335,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 def row_name(spec: Spec) -> str:
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
-            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvdefault'}-k{spec.fla_chunk}-d{spec.devices}-nv{spec.nvml_period:g}")
+            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvdefault'}-k{spec.fla_chunk}-d{spec.devices}-"
+            f"nv{spec.nvml_period:g}")
 
 
 def _profiler_callback_class() -> type:

@@ -186,7 +186,8 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
     data_sha = file_sha256(data_path)
     sampler = BucketBatchSampler([s.n_inputs for s in samples], params.micro_bsz, params.seed, params.bucket_window,
                                  num_replicas=params.devices)
-    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=training_collate(params, device))
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
+                                         collate_fn=training_collate(params, device, graphs))
     steps_per_epoch = math.ceil(len(sampler) / params.accumulate_grad_batches)
     total_steps = params.max_steps or params.epochs * steps_per_epoch
     if params.warmup_steps >= total_steps:
@@ -297,9 +298,10 @@ def graph_width_multiple(ctx_len: int) -> int:
     return GRAPH_WIDTH_STEP * max(1, math.ceil(ctx_len / (GRAPH_WIDTH_STEP * GRAPH_MAX_SHAPES)))
 
 
-def training_collate(p: TrainParams, device: torch.device) -> Callable[[Sequence[Sample]], Batch]:
-    """Padded fixed-shape batches for CUDA graphs, packed varlen rows on CUDA otherwise, padded on CPU."""
-    if use_cuda_graphs(p, device):
+def training_collate(p: TrainParams, device: torch.device, graphs: bool) -> Callable[[Sequence[Sample]], Batch]:
+    """Padded fixed-shape batches for CUDA graphs (`graphs`: `use_cuda_graphs`'s answer), packed varlen rows on
+    CUDA otherwise, padded on CPU."""
+    if graphs:
         return functools.partial(pad_collate, multiple=graph_width_multiple(p.ctx_len), rows=p.micro_bsz)
     return pack_collate if device.type == "cuda" else pad_collate
 

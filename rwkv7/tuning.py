@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,16 @@ def _chunk_kl(head: nn.Module, hidden: Tensor, teacher_hidden: Tensor) -> Tensor
     return F.kl_div(student, teacher, log_target=True, reduction="sum")
 
 
+def _chunked_head_loss(fn: Callable[..., Tensor], head: nn.Module, chunk: int, *rows: Tensor) -> Tensor:
+    """Σ of `fn(head, *parts)` over consecutive `chunk`-row parts of `rows` (aligned on dim 0). Each part is
+    recomputed in backward, so only one part's `[chunk, V]` logits exist at a time."""
+    total = rows[0].new_zeros((), dtype=torch.float32)
+    for start in range(0, rows[0].shape[0], chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(fn, head, *(r[part] for r in rows), use_reentrant=False, preserve_rng_state=False)
+    return total
+
+
 def compile_mixers(model: RWKV7, backend: str = "inductor") -> None:
     """torch.compile every block's time-mix and channel-mix in place (instance attributes; `del` undoes it).
 
@@ -162,25 +173,15 @@ class StateTuner(L.LightningModule):
                                                return_hidden=True)
             others = teacher_hidden[mask]
             fn = _chunk_kl
-        total = rows.new_zeros((), dtype=torch.float32)
-        for start in range(0, n, self.optim.loss_chunk):
-            part = slice(start, start + self.optim.loss_chunk)
-            total = total + checkpoint(fn, self.model.head, rows[part], others[part], use_reentrant=False,
-                                       preserve_rng_state=False)
-        return total, n
+        return _chunked_head_loss(fn, self.model.head, self.optim.loss_chunk, rows, others), n
 
     def dense_loss(self, x: Tensor, targets: Tensor, weights: Tensor, state_wkv: Tensor) -> Tensor:
         """Summed cross-entropy over all `[B, T]` positions of embedded rows `x [B, T, C]`, weighted by
         `weights` (the loss mask as 0/1 floats): `batch_loss` without any data-dependent shape, so it can be
         captured in a CUDA graph (every position goes through the head; masked ones count zero)."""
         hidden, _ = self.model.run_blocks(x, RWKVState.from_wkv(state_wkv))
-        rows, targets, weights = hidden.flatten(0, 1), targets.flatten(), weights.flatten()
-        total = rows.new_zeros((), dtype=torch.float32)
-        for start in range(0, rows.shape[0], self.optim.loss_chunk):
-            part = slice(start, start + self.optim.loss_chunk)
-            total = total + checkpoint(_chunk_ce_weighted, self.model.head, rows[part], targets[part], weights[part],
-                                       use_reentrant=False, preserve_rng_state=False)
-        return total
+        return _chunked_head_loss(_chunk_ce_weighted, self.model.head, self.optim.loss_chunk, hidden.flatten(0, 1),
+                                  targets.flatten(), weights.flatten())
 
     def _teacher_state(self) -> RWKVState:
         if self._teacher is None:

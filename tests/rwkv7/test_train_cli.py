@@ -181,13 +181,13 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
                                                                             tmp_path: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_cuda_graphs(TrainParams(), cpu)  # auto: off on CPU, where the padded collate stays plain
-    assert training_collate(TrainParams(), cpu) is pad_collate
+    assert training_collate(TrainParams(), cpu, graphs=False) is pad_collate
     assert use_cuda_graphs(TrainParams(), cuda)
     assert not use_cuda_graphs(TrainParams(precision="nf4"), cuda) and use_cuda_graphs(
         TrainParams(precision="nf4", cuda_graphs="on"), cuda)
     assert use_cuda_graphs(TrainParams(devices=2), cuda) and not use_cuda_graphs(TrainParams(cuda_graphs="off"), cuda)
     assert not use_cuda_graphs(TrainParams(distill_prompt="Be NEGA."), cuda)
-    collate = training_collate(TrainParams(ctx_len=512, micro_bsz=3), cuda)
+    collate = training_collate(TrainParams(ctx_len=512, micro_bsz=3), cuda, graphs=True)
     assert collate.keywords == {"multiple": 32, "rows": 3}
     assert graph_width_multiple(512) == 32 and graph_width_multiple(1024) == 64 and graph_width_multiple(4096) == 256
     with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):
