@@ -492,11 +492,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def append_json(path: Path, row: dict[str, Any]) -> None:
     """Add `row` to the JSON list in `path` (created if missing), written atomically."""
-    old = json.loads(path.read_text()) if path.is_file() else []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps([*old, row], indent=1) + "\n")
-    tmp.replace(path)
+    from rwkv7.atomic import write_json
+
+    write_json(path, [*(json.loads(path.read_text()) if path.is_file() else []), row])
 
 
 def main() -> int:
