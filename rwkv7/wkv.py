@@ -1,5 +1,6 @@
 """The WKV-7 recurrence, in one place: a plain torch reference, the flash-linear-attention fast path, and our
-own Triton kernels (`rwkv7.wkv_triton`, opt-in until measured on a GPU).
+own Triton kernels (`rwkv7.wkv_triton`, opt-in until measured on a GPU), which can also restart
+sequences mid-row (`starts`).
 
 Boundary: tensors in, tensors out. Per head, with the state S in [value, key] orientation (rows = value dim,
 columns = key dim, the BlinkDL / `rwkv` pip / RWKV-Runner convention):
@@ -71,16 +72,28 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
 # run as they are and the reference's loop over time is never unrolled into a graph.
 @torch.compiler.disable
 def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor, *,
-         cu_seqlens: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
+         cu_seqlens: Tensor | None = None, starts: Tensor | None = None, backend: str | None = None
+         ) -> tuple[Tensor, Tensor]:
     """Run WKV-7 over a batch: inputs `[B, T, H, N]`, `initial_state [S, H, N, N]` ([value, key], float32).
 
-    Without `cu_seqlens`, S = B. With `cu_seqlens` (LongTensor `[S+1]`, starting at 0 and ending at T), B must
-    be 1 and the T tokens are S packed sequences, each starting from its own initial state.
+    Without `cu_seqlens`, S = B (or 1, broadcast). With `cu_seqlens` (LongTensor `[S+1]`, starting at 0 and
+    ending at T), B must be 1 and the T tokens are S packed sequences, each starting from its own initial state.
+    With `starts` (bool `[B, T]`, not with cu_seqlens) each row holds several sequences: every flagged position
+    restarts from the row's initial state (shapes stay fixed whatever the data, as CUDA graphs need); the final
+    state is then that of each row's last sequence. fla cannot restart mid-row: `starts` needs "reference" or
+    "triton".
     Returns `(out [B, T, H, N]` in r's dtype`, final_state [S, H, N, N]` float32`)`.
     `log_decay` = log of the per-channel decay, in (−e^(−1/2), 0) for RWKV-7; the fla path relies on
     `log_decay ≥ FLA_LOG_DECAY_BOUND`.
     """
     name = select_backend(r.device, backend)
+    if starts is not None:
+        if cu_seqlens is not None:
+            raise ValueError("wkv7 takes cu_seqlens or starts, not both")
+        if name == "fla":
+            raise WKVBackendError("per-token restarts (starts) need the 'reference' or 'triton' WKV backend, not fla")
+        run_rows = wkv7_reference if name == "reference" else _triton()
+        return run_rows(r, log_decay, k, v, a, b, initial_state, starts)
     if name == "fla":
         return _fla(r, log_decay, k, v, a, b, initial_state, cu_seqlens)
     run = wkv7_reference if name == "reference" else _triton()
@@ -96,8 +109,9 @@ def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
 
 
 def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                   initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    """Plain loop over time; shapes as in `wkv7` (no packing). Differentiable in all inputs.
+                   initial_state: Tensor, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Plain loop over time; shapes as in `wkv7` (no cu_seqlens; `starts` restarts rows from their initial
+    state). Differentiable in all inputs.
 
     Computes in float32 (float64 if r is float64, for gradcheck); returns out in r's dtype.
     """
@@ -107,9 +121,13 @@ def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor
     # full-size zero gradient per step (quadratic in T).
     cols = [x.to(compute).unsqueeze(-1).unbind(1) for x in (r, a, v)]  # [B, H, N, 1] per step
     rows = [x.unsqueeze(-2).unbind(1) for x in (log_decay.to(compute).exp(), b.to(compute), k.to(compute))]
-    state = initial_state.to(compute)
+    first = initial_state.to(compute)
+    state = first
+    restart = [None] * r.shape[1] if starts is None else starts[:, :, None, None, None].unbind(1)
     outs = []
-    for r_t, a_t, v_t, decay_t, b_t, k_t in zip(*cols, *rows, strict=True):
+    for r_t, a_t, v_t, decay_t, b_t, k_t, restart_t in zip(*cols, *rows, restart, strict=True):
+        if restart_t is not None:
+            state = torch.where(restart_t, first, state)
         # S·diag(d) scales key columns; S aᵀ b is a rank-1 update built from the [value] vector S aᵀ.
         state = state * decay_t + (state @ a_t) * b_t + v_t * k_t
         outs.append(state @ r_t)

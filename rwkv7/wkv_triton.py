@@ -1,23 +1,31 @@
-"""WKV-7 as two Triton kernels (forward, backward) with a gradient for the initial state.
+"""WKV-7 as two Triton kernels (forward, backward) with a gradient for the initial state and per-token restarts.
 
-Boundary: the equal-length path of `rwkv7.wkv.wkv7` (inputs `[B, T, H, N]`, initial state `[B, H, N, N]` in our
-[value, key] orientation); no packing. One program per (batch row, head) keeps the whole `N × N` state in
-registers (float32) and walks the sequence; the recurrence is the reference's:
+Boundary: `rwkv7.wkv.wkv7` without cu_seqlens (inputs `[B, T, H, N]`, initial state `[B, H, N, N]` in our
+[value, key] orientation), optionally with `starts [B, T]`: True where a new sequence begins from the row's
+initial state (several short dialogues packed into one row of fixed width). The recurrence is the reference's:
 
     S_t = S_{t-1} · diag(w_t) + (S_{t-1} a_t) b_tᵀ + v_t k_tᵀ,    out_t = S_t r_t,    w_t = exp(log_decay_t)
+
+Each value row of S evolves on its own (the transition acts on the key side), so a program owns `block_v` rows
+of one (batch row, head), keeps them in registers in float32 and walks the sequence; B·H·N/block_v programs run
+at once. Sums over value rows (the gradients of r, k, log decay, a, b) are written per program and added up
+afterwards.
 
 Backward walks back in time without storing every state: S_{t-1} = (S_t − (S_{t-1} a_t) b_tᵀ − v_t k_tᵀ) / w_t,
 where the forward pass kept the vector S_{t-1} a_t of every step, and the state itself every `CHUNK` steps to
 re-anchor the walk (RWKV-7's decay w lies in (0.545, 1), so dividing by it over CHUNK steps amplifies float32
-rounding by at most 1.84^CHUNK). Memory kept for backward: `sa` (float32, the size of v) and the
-checkpoints (`T / CHUNK` states per row and head).
+rounding by at most 1.84^CHUNK). At a restart the state before it belongs to the previous sequence and cannot be
+walked back to; it is recomputed forward from the last checkpoint (fewer than CHUNK steps). Memory kept for
+backward: `sa` (float32, the size of v) and the checkpoints (`T / CHUNK` states per row and head).
 
 Status: checked against `wkv7_reference` (outputs, final state, every input gradient and d(initial state)) in
-Triton's interpreter on CPU (tests/rwkv7/test_wkv_triton.py); selected with `STATETUNE_WKV_BACKEND=triton`. The
-default CUDA backend stays fla until this one is measured on the GPU (`bench/gpu_check_wkv.py`).
+Triton's interpreter on CPU (tests/rwkv7/test_wkv_triton.py) and on the GPU (`bench/gpu_check_wkv.py --backend
+triton`); selected with `STATETUNE_WKV_BACKEND=triton`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,80 +35,120 @@ from torch import Tensor
 
 CHUNK = 16
 T_STEP = 64  # sequence lengths are padded to a multiple of this: one compiled kernel per 64 tokens of length
+# Launch settings: value rows per program and warps per program; STATETUNE_WKV_TRITON="block_v=16,num_warps=2"
+# overrides them (bench/gpu_check_wkv.py --triton-configs sweeps them).
+BLOCK_V = 16
+NUM_WARPS = 2
+SETTINGS_ENV = "STATETUNE_WKV_TRITON"
+
+
+def launch_settings() -> tuple[int, int]:
+    """(block_v, num_warps): the defaults above unless STATETUNE_WKV_TRITON names others."""
+    settings = {"block_v": BLOCK_V, "num_warps": NUM_WARPS}
+    for item in filter(None, os.environ.get(SETTINGS_ENV, "").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in settings or not value.strip().isdigit():
+            raise ValueError(f"{SETTINGS_ENV}={os.environ[SETTINGS_ENV]!r}: expected e.g. 'block_v=16,num_warps=2'")
+        settings[key.strip()] = int(value)
+    return settings["block_v"], settings["num_warps"]
 
 
 @triton.jit
-def _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec):
-    """The six input vectors of one (row, step, head) in float32; w is the decay itself (exp of log_decay)."""
-    r = tl.load(r_ptr + off + vec).to(tl.float32)
+def _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec, vrow):
+    """Inputs of one (row, step, head) in float32: the key-side vectors whole, v only this program's rows; w is
+    the decay itself (exp of log_decay)."""
     w = tl.exp(tl.load(w_ptr + off + vec).to(tl.float32))
     k = tl.load(k_ptr + off + vec).to(tl.float32)
-    v = tl.load(v_ptr + off + vec).to(tl.float32)
+    v = tl.load(v_ptr + off + vrow).to(tl.float32)
     a = tl.load(a_ptr + off + vec).to(tl.float32)
     b = tl.load(b_ptr + off + vec).to(tl.float32)
-    return r, w, k, v, a, b
+    return w, k, v, a, b
+
+
+@triton.jit
+def _is_start(starts_ptr, row_base, t, RESETS: tl.constexpr):
+    """Whether step t starts a sequence: always at t = 0, and where `starts` says so when RESETS."""
+    if RESETS:
+        return (t == 0) | (tl.load(starts_ptr + row_base + t) != 0)
+    return t == 0
 
 
 # Both kernels load step t ± 1 while computing step t (software prefetch: the loads do not depend on the state,
 # so their latency hides behind the reductions of the current step).
 @triton.jit
-def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, out_ptr, sa_ptr, ckpt_ptr, final_ptr,
-         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, CHUNK_: tl.constexpr):
-    pid = tl.program_id(0)  # = b * H + h
+def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, sa_ptr, ckpt_ptr, final_ptr,
+         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, CHUNK_: tl.constexpr,
+         RESETS: tl.constexpr):
+    pid = tl.program_id(0)  # = batch row * H + head
     b_idx = pid // H
     h_idx = pid % H
-    rows = tl.arange(0, N)[:, None]  # value index i
-    cols = tl.arange(0, N)[None, :]  # key index j
+    vrow = tl.program_id(1) * BV + tl.arange(0, BV)  # this program's value rows
     vec = tl.arange(0, N)
-    S = tl.load(s0_ptr + pid * N * N + rows * N + cols)
+    tile = vrow[:, None] * N + vec[None, :]
     base = b_idx * T * H * N + h_idx * N
     off = base
-    r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec)
+    r = tl.load(r_ptr + off + vec).to(tl.float32)
+    w, k, v, a, b = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec, vrow)
+    S = tl.zeros((BV, N), dtype=tl.float32)
     for t in range(T):
         nxt = base + (t + 1 - (t + 1) // T) * H * N  # step t + 1, or t itself at the end
-        r_n, w_n, k_n, v_n, a_n, b_n = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec)
+        r_n = tl.load(r_ptr + nxt + vec).to(tl.float32)
+        w_n, k_n, v_n, a_n, b_n = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec, vrow)
+        if _is_start(starts_ptr, b_idx * T, t, RESETS):
+            S = tl.load(s0_ptr + pid * N * N + tile)
         sa = tl.sum(S * a[None, :], axis=1)
         S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
         out = tl.sum(S * r[None, :], axis=1)
-        tl.store(out_ptr + off + vec, out.to(out_ptr.dtype.element_ty))
-        tl.store(sa_ptr + off + vec, sa)
+        tl.store(out_ptr + off + vrow, out.to(out_ptr.dtype.element_ty))
+        tl.store(sa_ptr + off + vrow, sa)
         if (t + 1) % CHUNK_ == 0:
-            tl.store(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + rows * N + cols, S)
+            tl.store(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + tile, S)
         r, w, k, v, a, b = r_n, w_n, k_n, v_n, a_n, b_n
         off = nxt
-    tl.store(final_ptr + pid * N * N + rows * N + cols, S)
+    tl.store(final_ptr + pid * N * N + tile, S)
 
 
 @triton.jit
-def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sa_ptr, ckpt_ptr, final_ptr, dout_ptr, dfinal_ptr,
-         dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
-         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, CHUNK_: tl.constexpr):
+def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, sa_ptr, ckpt_ptr, final_ptr, dout_ptr,
+         dfinal_ptr, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
+         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, CHUNK_: tl.constexpr,
+         RESETS: tl.constexpr):
+    """dr, dw, dk, da, db point at this program's slice of per-value-block partial sums (program_id(1) picks
+    the slice: `[N / BV, B, T, H, N]`); dv and ds0 are written whole (each program owns its rows)."""
     pid = tl.program_id(0)
     b_idx = pid // H
     h_idx = pid % H
-    rows = tl.arange(0, N)[:, None]
-    cols = tl.arange(0, N)[None, :]
+    vrow = tl.program_id(1) * BV + tl.arange(0, BV)
     vec = tl.arange(0, N)
-    S = tl.load(final_ptr + pid * N * N + rows * N + cols)  # S_t for t = T - 1
-    dS = tl.load(dfinal_ptr + pid * N * N + rows * N + cols)
+    tile = vrow[:, None] * N + vec[None, :]
+    part = tl.program_id(1) * tl.num_programs(0) * T * N  # this block's slice of the partial sums (B·H·T·N each)
+    S = tl.load(final_ptr + pid * N * N + tile)  # S_t for t = T - 1
+    dS = tl.load(dfinal_ptr + pid * N * N + tile)
+    dS0 = tl.zeros((BV, N), dtype=tl.float32)
     base = b_idx * T * H * N + h_idx * N
     off = base + (T - 1) * H * N
-    r, w, k, v, a, b = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec)
-    sa = tl.load(sa_ptr + off + vec)
-    dout = tl.load(dout_ptr + off + vec).to(tl.float32)
+    r = tl.load(r_ptr + off + vec).to(tl.float32)
+    w, k, v, a, b = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec, vrow)
+    sa = tl.load(sa_ptr + off + vrow)
+    dout = tl.load(dout_ptr + off + vrow).to(tl.float32)
     for i in range(T):
         t = T - 1 - i
         nxt = base + (t - 1 + (T - t) // T) * H * N  # step t - 1, or t itself at the start
-        r_n, w_n, k_n, v_n, a_n, b_n = _load_step(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec)
-        sa_n = tl.load(sa_ptr + nxt + vec)
-        dout_n = tl.load(dout_ptr + nxt + vec).to(tl.float32)
+        r_n = tl.load(r_ptr + nxt + vec).to(tl.float32)
+        w_n, k_n, v_n, a_n, b_n = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec, vrow)
+        sa_n = tl.load(sa_ptr + nxt + vrow)
+        dout_n = tl.load(dout_ptr + nxt + vrow).to(tl.float32)
         if (t + 1) % CHUNK_ == 0:  # re-anchor on the exact state the forward pass kept
-            S = tl.load(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + rows * N + cols)
+            S = tl.load(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + tile)
+        start = _is_start(starts_ptr, b_idx * T, t, RESETS)
         # out_t = S_t r_t
         dS += dout[:, None] * r[None, :]
         dr = tl.sum(S * dout[:, None], axis=0)
         # S_t = S_{t-1} diag(w) + sa bᵀ + v kᵀ, with sa = S_{t-1} a
-        S_prev = (S - sa[:, None] * b[None, :] - v[:, None] * k[None, :]) / w[None, :]
+        if start:
+            S_prev = tl.load(s0_ptr + pid * N * N + tile)
+        else:
+            S_prev = (S - sa[:, None] * b[None, :] - v[:, None] * k[None, :]) / w[None, :]
         dv = tl.sum(dS * k[None, :], axis=1)
         dk = tl.sum(dS * v[:, None], axis=0)
         db = tl.sum(dS * sa[:, None], axis=0)
@@ -109,48 +157,81 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sa_ptr, ckpt_ptr, final_ptr, 
         da = tl.sum(S_prev * dsa[:, None], axis=0)
         dS = dS * w[None, :] + dsa[:, None] * a[None, :]
         S = S_prev
-        tl.store(dr_ptr + off + vec, dr.to(dr_ptr.dtype.element_ty))
-        tl.store(dw_ptr + off + vec, dw.to(dw_ptr.dtype.element_ty))
-        tl.store(dk_ptr + off + vec, dk.to(dk_ptr.dtype.element_ty))
-        tl.store(dv_ptr + off + vec, dv.to(dv_ptr.dtype.element_ty))
-        tl.store(da_ptr + off + vec, da.to(da_ptr.dtype.element_ty))
-        tl.store(db_ptr + off + vec, db.to(db_ptr.dtype.element_ty))
+        if start:  # dS is now the gradient of the initial state this sequence started from
+            dS0 += dS
+            dS = tl.zeros((BV, N), dtype=tl.float32)
+            if RESETS:  # the previous sequence's last state: recompute it from the last checkpoint
+                if t > 0:
+                    c0 = t - t % CHUNK_
+                    S = tl.load(s0_ptr + pid * N * N + tile)
+                    if c0 > 0:
+                        S = tl.load(ckpt_ptr + (pid * (T // CHUNK_) + c0 // CHUNK_ - 1) * N * N + tile)
+                    for j in range(CHUNK_ - 1):  # steps c0 … t − 1 (fewer than CHUNK)
+                        s = c0 + j
+                        if s < t:
+                            if _is_start(starts_ptr, b_idx * T, s, RESETS):
+                                S = tl.load(s0_ptr + pid * N * N + tile)
+                            w_s, k_s, v_s, a_s, b_s = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, base + s * H * N,
+                                                                 vec, vrow)
+                            sa_s = tl.sum(S * a_s[None, :], axis=1)
+                            S = S * w_s[None, :] + sa_s[:, None] * b_s[None, :] + v_s[:, None] * k_s[None, :]
+        tl.store(dr_ptr + part + off + vec, dr)
+        tl.store(dw_ptr + part + off + vec, dw)
+        tl.store(dk_ptr + part + off + vec, dk)
+        tl.store(da_ptr + part + off + vec, da)
+        tl.store(db_ptr + part + off + vec, db)
+        tl.store(dv_ptr + off + vrow, dv.to(dv_ptr.dtype.element_ty))
         r, w, k, v, a, b, sa, dout = r_n, w_n, k_n, v_n, a_n, b_n, sa_n, dout_n
         off = nxt
-    tl.store(ds0_ptr + pid * N * N + rows * N + cols, dS)
+    tl.store(ds0_ptr + pid * N * N + tile, dS0)
 
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,  # type: ignore[override]
-                s0: Tensor) -> tuple[Tensor, Tensor]:
+                s0: Tensor, starts: Tensor | None) -> tuple[Tensor, Tensor]:
         B, T, H, N = r.shape
+        block_v, num_warps = launch_settings()
+        if N % block_v:
+            raise ValueError(f"block_v={block_v} must divide the head size {N}")
         inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
         s0 = s0.float().contiguous()
+        flags = torch.empty(0, dtype=torch.int8, device=r.device) if starts is None else starts.to(torch.int8).contiguous()
         out = torch.empty_like(inputs[0])
         sa = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         ckpt = torch.empty(B, H, T // CHUNK, N, N, device=r.device, dtype=torch.float32)
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-        _fwd[(B * H,)](*inputs, s0, out, sa, ckpt, final, T, H, N, CHUNK)
-        ctx.save_for_backward(*inputs, sa, ckpt, final)
+        grid = (B * H, N // block_v)
+        _fwd[grid](*inputs, s0, flags, out, sa, ckpt, final, T, H, N, block_v, CHUNK, starts is not None,
+                   num_warps=num_warps)
+        ctx.save_for_backward(*inputs, s0, flags, sa, ckpt, final)
+        ctx.launch = grid, block_v, num_warps, starts is not None
         return out, final
 
     @staticmethod
-    def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor, ...]:  # type: ignore[override]
-        r, log_decay, k, v, a, b, sa, ckpt, final = ctx.saved_tensors
+    def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        r, log_decay, k, v, a, b, s0, flags, sa, ckpt, final = ctx.saved_tensors
+        grid, block_v, num_warps, resets = ctx.launch
         B, T, H, N = r.shape
         dout = dout.contiguous()
         dfinal = torch.zeros_like(final) if dfinal is None else dfinal.float().contiguous()
-        grads = [torch.empty_like(x) for x in (r, log_decay, k, v, a, b)]
+        # Gradients summed over value rows come per block of rows (float32), then are added up.
+        parts = [torch.empty(grid[1], B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5)]
+        dv = torch.empty_like(v)
         ds0 = torch.empty_like(final)
-        _bwd[(B * H,)](r, log_decay, k, v, a, b, sa, ckpt, final, dout, dfinal, *grads, ds0, T, H, N, CHUNK)
-        return (*grads, ds0)
+        _bwd[grid](r, log_decay, k, v, a, b, s0, flags, sa, ckpt, final, dout, dfinal, *parts[:2], parts[2], dv,
+                   *parts[3:], ds0, T, H, N, block_v, CHUNK, resets, num_warps=num_warps)
+        dr, dw, dk, da, db = (p.sum(0).to(x.dtype) if grid[1] > 1 else p[0].to(x.dtype)
+                              for p, x in zip(parts, (r, log_decay, k, a, b), strict=True))
+        return dr, dw, dk, dv, da, db, ds0, None
 
 
 def wkv7_triton(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    """`wkv7` without packing through the Triton kernels: `(out [B, T, H, N]` in r's dtype`, final [B, H, N, N])`.
+                initial_state: Tensor, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`wkv7` without cu_seqlens through the Triton kernels: `(out [B, T, H, N]` in r's dtype`, final [B, H, N, N])`.
 
+    `initial_state` is `[B or 1, H, N, N]`; with `starts [B, T]` (bool) every position flagged starts a new
+    sequence from its row's initial state (the final state is then that of each row's last sequence).
     The kernels are compiled per sequence length, so T is padded up to a multiple of `T_STEP` with steps that
     change nothing: zero r, k, v, a, b and log decay 0 (decay 1) leave the state as it was, so the final state
     and every gradient are those of the unpadded sequence.
@@ -158,5 +239,7 @@ def wkv7_triton(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b
     B, T = r.shape[:2]
     pad = -T % T_STEP
     inputs = [F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x for x in (r, log_decay, k, v, a, b)]
-    out, final = _WKV7.apply(*inputs, initial_state.expand(B, -1, -1, -1))
+    if starts is not None and pad:
+        starts = F.pad(starts, (0, pad))
+    out, final = _WKV7.apply(*inputs, initial_state.expand(B, -1, -1, -1), starts)
     return (out[:, :T] if pad else out), final

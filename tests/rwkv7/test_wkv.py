@@ -75,6 +75,37 @@ def test_packed_sequences_equal_separate_runs():
         start += lengths[i]
 
 
+def test_restarts_within_rows_equal_separate_runs_from_the_shared_initial_state():
+    """`starts` packs several sequences per row: each flagged position begins again from the row's state,
+    so outputs equal separate runs, the final state is the last sequence's, and d(initial state) sums them."""
+    lengths = [[3, 1, 4], [5, 3]]
+    parts = [[random_inputs(B=1, T=n, seed=10 * row + i) for i, n in enumerate(row_lengths)]
+             for row, row_lengths in enumerate(lengths)]
+    rows = [[torch.cat([p[j] for p in row_parts], dim=1) for j in range(6)] for row_parts in parts]
+    inputs = [torch.cat([row[j] for row in rows], dim=0) for j in range(6)]
+    s0 = parts[0][0][6].clone().requires_grad_()
+    starts = torch.zeros(2, 8, dtype=torch.bool)
+    starts[0, [0, 3, 4]] = starts[1, [0, 5]] = True
+    out, final = wkv7(*inputs, s0, starts=starts)
+    (out.sum() + final.square().sum()).backward()
+    expected_grad = torch.zeros_like(s0)
+    for row, row_parts in enumerate(parts):
+        start = 0
+        for i, p in enumerate(row_parts):
+            s = s0.detach().clone().requires_grad_()
+            o, f = wkv7_reference(*p[:6], s)
+            torch.testing.assert_close(out[row:row + 1, start:start + o.shape[1]], o)
+            last = i == len(row_parts) - 1
+            if last:
+                torch.testing.assert_close(final[row], f[0])
+            (o.sum() + (f.square().sum() if last else 0)).backward()
+            expected_grad += s.grad
+            start += o.shape[1]
+    torch.testing.assert_close(s0.grad, expected_grad)
+    with pytest.raises(ValueError, match="not both"):
+        wkv7(*inputs, s0, starts=starts, cu_seqlens=torch.tensor([0, 8]))
+
+
 def test_float32_inputs_keep_dtype_and_state_is_float32():
     inputs = random_inputs(B=1, T=2, dtype=torch.float32)
     out, final = wkv7(*inputs)
