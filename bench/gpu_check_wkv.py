@@ -9,14 +9,17 @@ Compares, for fp32 and bf16 inputs: outputs, final state, d(initial state) and e
 same (dtype-rounded) inputs, so the errors are the kernel's alone. Cases: equal lengths with T not a multiple
 of the chunk size, variable-length packing (cu_seqlens), the decode kernel (fused recurrent, no grad), and a
 tiny random RWKV7 model end to end (logits and the gradient of a trainable [L, H, N, N] state).
+Triton also gets rows with restarts mid-row (`starts`).
 Errors: max |fast − ref| and that divided by max |ref|. Prints a table last; exits 1 if any check fails.
-With --bench also times fwd+bwd of the fast kernel first (bf16, B=8, T=512, H=32; median of 20).
+With --bench also times fwd+bwd of the fast kernel first (bf16, B=8, T=512, H=32; median of 20), for Triton
+once per `--triton-configs` launch setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -150,23 +153,58 @@ def model_case(dtype: torch.dtype) -> list[Row]:
     return compare("model L2 C256 T200", dtype, ("logits", "d(state param)"), *results)
 
 
-def bench_chunk() -> str:
-    """Median fwd+bwd time of the fast kernel at RWKV-PEFT-like sizes."""
-    inputs = [x.requires_grad_() for x in make_inputs(8, 512, 32, torch.bfloat16, seed=9)]
+def restarts_case(dtype: torch.dtype) -> list[Row]:
+    """Rows holding several sequences (`starts`, Triton only): the fixed-shape packing CUDA graphs use."""
+    starts = torch.zeros(2, 300, dtype=torch.bool, device=DEVICE)
+    starts[0, [0, 7, 8, 100, 112, 250]] = True
+    starts[1, [0, 16, 33, 299]] = True
+    inputs = make_inputs(2, 300, 4, dtype, seed=4, n_seq=1)
+
+    def rows(backend: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(wkv7(*xs, starts=starts, backend=backend))
+
+    fast, ref = run_both(rows, inputs, grad=True)
+    return compare("restarts B2 T300 (6+4 seqs)", dtype, GRAD_NAMES, fast, ref)
+
+
+def time_fwd_bwd(inputs: list[torch.Tensor], starts: torch.Tensor | None = None, repeats: int = 20
+                 ) -> tuple[float, float]:
+    """(median ms, first call s) of forward + backward (incl. d(initial state)) of the fast kernel."""
     times = []
     first = 0.0
-    for i in range(25):
+    for i in range(repeats + 5):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out, final = wkv7(*inputs, backend=FAST)
+        out, final = wkv7(*inputs, starts=starts, backend=FAST) if starts is not None else wkv7(*inputs, backend=FAST)
         (out.float().sum() + final.sum()).backward()
         torch.cuda.synchronize()
         if i == 0:
             first = time.perf_counter() - start
         if i >= 5:
             times.append(time.perf_counter() - start)
-    return (f"{FAST} fwd+bwd incl. dh0, bf16 B8 T512 H32: median {statistics.median(times) * 1e3:.2f} ms per layer "
-            f"(first call incl. compile {first:.1f} s)")
+    return statistics.median(times) * 1e3, first
+
+
+def bench_chunk(triton_configs: list[str]) -> list[str]:
+    """Median fwd+bwd time of the fast kernel at RWKV-PEFT-like sizes (B8 T512 H32, bf16); for Triton once per
+    launch setting, and with restarts every ~175 tokens (workload c packed into rows)."""
+    inputs = [x.requires_grad_() for x in make_inputs(8, 512, 32, torch.bfloat16, seed=9)]
+    if FAST != "triton":
+        ms, first = time_fwd_bwd(inputs)
+        return [f"{FAST} fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer "
+                f"(first call incl. compile {first:.1f} s)"]
+    starts = torch.zeros(8, 512, dtype=torch.bool, device=DEVICE)
+    starts[:, ::175] = True
+    lines = []
+    for config in triton_configs:
+        os.environ["STATETUNE_WKV_TRITON"] = config
+        ms, first = time_fwd_bwd(inputs)
+        ms_r, _ = time_fwd_bwd(inputs, starts)
+        lines.append(f"triton [{config}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer, "
+                     f"{ms_r:.2f} ms with restarts every 175 tokens (first call incl. compile {first:.1f} s)")
+        print(lines[-1], flush=True)
+    os.environ.pop("STATETUNE_WKV_TRITON")
+    return lines
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -194,6 +232,9 @@ def main() -> int:
     parser.add_argument("--backend", default="fla", choices=("fla", "triton"), help="the fast path to check")
     parser.add_argument("--bench", action="store_true", help="also time the fast kernel (first)")
     parser.add_argument("--log", type=Path, help="write the full table here as well")
+    parser.add_argument("--triton-configs", default="block_v=16,num_warps=2",
+                        help="with --bench --backend triton: launch settings to time, ';'-separated "
+                             "(STATETUNE_WKV_TRITON values, e.g. 'block_v=64,num_warps=4;block_v=16,num_warps=2')")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, in order: bf16, fp32")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="reference vs reference on CPU: checks this script, not the kernel")
@@ -212,14 +253,15 @@ def main() -> int:
         lines = [f"backend {FAST}: torch {torch.__version__}, fla {fla.__version__}, {torch.cuda.get_device_name()}"]
     rows: list[Row] = []
     if args.bench and not args.cpu_dry_run:
-        lines.append(bench_chunk())
+        lines += bench_chunk(args.triton_configs.split(";"))
         report(lines, rows, args.log)
     # bf16 first and the training path (packed sequences) first: their autotune choices ship with the repo. The
     # table is rewritten after each case, so a run cut short by its time limit still leaves what it checked.
     failed: list[Row] = []
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
-        for case in (varlen_case, decode_case, model_case, batch_case):
+        cases = (varlen_case, decode_case, model_case, batch_case) + ((restarts_case,) if FAST != "fla" else ())
+        for case in cases:
             start = time.perf_counter()
             rows += case(dtype)
             lines.append(f"{name} {case.__name__}: {time.perf_counter() - start:.1f} s (incl. Triton autotune)")

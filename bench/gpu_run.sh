@@ -93,7 +93,8 @@ wkv_check() {
   local tag="${backend}-${dtypes//,/-}"
   stamp "WKV check ($backend, $dtypes) on GPU $gpu"
   CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 bench/gpu_check_wkv.py --backend "$backend" --bench \
-    --dtypes "$dtypes" --log "$OUT/gpu_check_wkv-$tag.log" > "$LOGS/gpu_check_wkv-$tag.stdout" 2>&1
+    --dtypes "$dtypes" --log "$OUT/gpu_check_wkv-$tag.log" ${TRITON_CONFIGS:+--triton-configs "$TRITON_CONFIGS"} \
+    > "$LOGS/gpu_check_wkv-$tag.stdout" 2>&1
   echo "gpu_check_wkv $backend $dtypes rc=$?"
 }
 
@@ -195,8 +196,11 @@ case "$PLAN" in
   triton)  # one GPU: the GPU tests (graph accumulation, Triton kernels), our Triton WKV kernels checked against
            # the reference (bf16, fp32) and timed, then 1.5B (a) and (c) trained with them and with fla (graphs on)
     gpu_tests 150 0
-    wkv_check 0 150 bf16,fp32 triton
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --wkv triton,fla
+    TRITON_CONFIGS="${TRITON_CONFIGS:-block_v=64,num_warps=4;block_v=64,num_warps=8;block_v=32,num_warps=2;block_v=32,num_warps=4;block_v=16,num_warps=1;block_v=16,num_warps=2;block_v=16,num_warps=4;block_v=8,num_warps=1;block_v=8,num_warps=2}" \
+      wkv_check 0 200 bf16,fp32 triton
+    wkv_check 0 60 bf16 fla
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv triton,fla
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --wkv triton
     ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
