@@ -167,16 +167,19 @@ def restarts_case(dtype: torch.dtype) -> list[Row]:
     return compare("restarts B2 T300 (6+4 seqs)", dtype, GRAD_NAMES, fast, ref)
 
 
-def time_fwd_bwd(inputs: list[torch.Tensor], starts: torch.Tensor | None = None, repeats: int = 20
-                 ) -> tuple[float, float]:
-    """(median ms, first call s) of forward + backward (incl. d(initial state)) of the fast kernel."""
+def time_fwd_bwd(inputs: list[torch.Tensor], starts: torch.Tensor | None = None, repeats: int = 20,
+                 backward: bool = True) -> tuple[float, float]:
+    """(median ms, first call s) of forward + backward (incl. d(initial state)) of the fast kernel, or of the
+    forward alone (as training runs it: keeping what backward needs)."""
     times = []
     first = 0.0
+    extra = {} if starts is None else {"starts": starts}
     for i in range(repeats + 5):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out, final = wkv7(*inputs, starts=starts, backend=FAST) if starts is not None else wkv7(*inputs, backend=FAST)
-        (out.float().sum() + final.sum()).backward()
+        out, final = wkv7(*inputs, backend=FAST, **extra)
+        if backward:
+            (out.float().sum() + final.sum()).backward()
         torch.cuda.synchronize()
         if i == 0:
             first = time.perf_counter() - start
@@ -191,7 +194,8 @@ def bench_chunk(triton_configs: list[str]) -> list[str]:
     inputs = [x.requires_grad_() for x in make_inputs(8, 512, 32, torch.bfloat16, seed=9)]
     if FAST != "triton":
         ms, first = time_fwd_bwd(inputs)
-        return [f"{FAST} fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer "
+        ms_fwd, _ = time_fwd_bwd(inputs, backward=False)
+        return [f"{FAST} fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer (fwd {ms_fwd:.2f}) "
                 f"(first call incl. compile {first:.1f} s)"]
     starts = torch.zeros(8, 512, dtype=torch.bool, device=DEVICE)
     starts[:, ::175] = True
@@ -199,9 +203,11 @@ def bench_chunk(triton_configs: list[str]) -> list[str]:
     for config in triton_configs:
         os.environ["STATETUNE_WKV_TRITON"] = config
         ms, first = time_fwd_bwd(inputs)
+        ms_fwd, _ = time_fwd_bwd(inputs, backward=False)
         ms_r, _ = time_fwd_bwd(inputs, starts)
-        lines.append(f"triton [{config}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer, "
-                     f"{ms_r:.2f} ms with restarts every 175 tokens (first call incl. compile {first:.1f} s)")
+        lines.append(f"triton [{config}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer "
+                     f"(fwd {ms_fwd:.2f}), {ms_r:.2f} ms with restarts every 175 tokens (first call incl. compile "
+                     f"{first:.1f} s)")
         print(lines[-1], flush=True)
     os.environ.pop("STATETUNE_WKV_TRITON")
     return lines

@@ -35,22 +35,25 @@ from torch import Tensor
 
 CHUNK = 16
 T_STEP = 64  # sequence lengths are padded to a multiple of this: one compiled kernel per 64 tokens of length
-# Launch settings: value rows per program and warps per program; STATETUNE_WKV_TRITON="block_v=16,num_warps=2"
-# overrides them (bench/gpu_check_wkv.py --triton-configs sweeps them).
-BLOCK_V = 16
-NUM_WARPS = 2
+# Launch settings: value rows per program, warps per program, and whether the key-side gradients are summed
+# over value blocks with atomic adds (1) or written per block and added up afterwards (0: deterministic).
+# STATETUNE_WKV_TRITON="block_v=16,num_warps=1,atomic=0" overrides them (bench/gpu_check_wkv.py
+# --triton-configs sweeps them). H200, bf16 B8 T512 H32, forward + backward per layer (2026-11-29, call I):
+# block_v=16 num_warps=1 2.16 ms; block_v=64 num_warps=4 2.76 ms; block_v=16 num_warps=2 4.20 ms; fla 3.23 ms.
+SETTINGS = {"block_v": 16, "num_warps": 1, "atomic": 0}
 SETTINGS_ENV = "STATETUNE_WKV_TRITON"
 
 
-def launch_settings() -> tuple[int, int]:
-    """(block_v, num_warps): the defaults above unless STATETUNE_WKV_TRITON names others."""
-    settings = {"block_v": BLOCK_V, "num_warps": NUM_WARPS}
+def launch_settings() -> dict[str, int]:
+    """The defaults in SETTINGS unless STATETUNE_WKV_TRITON names others."""
+    settings = dict(SETTINGS)
     for item in filter(None, os.environ.get(SETTINGS_ENV, "").split(",")):
         key, _, value = item.partition("=")
         if key.strip() not in settings or not value.strip().isdigit():
-            raise ValueError(f"{SETTINGS_ENV}={os.environ[SETTINGS_ENV]!r}: expected e.g. 'block_v=16,num_warps=2'")
+            raise ValueError(f"{SETTINGS_ENV}={os.environ[SETTINGS_ENV]!r}: expected e.g. "
+                             "'block_v=16,num_warps=1,atomic=0'")
         settings[key.strip()] = int(value)
-    return settings["block_v"], settings["num_warps"]
+    return settings
 
 
 @triton.jit
@@ -112,9 +115,10 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
 def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, sa_ptr, ckpt_ptr, final_ptr, dout_ptr,
          dfinal_ptr, dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
          T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, CHUNK_: tl.constexpr,
-         RESETS: tl.constexpr):
-    """dr, dw, dk, da, db point at this program's slice of per-value-block partial sums (program_id(1) picks
-    the slice: `[N / BV, B, T, H, N]`); dv and ds0 are written whole (each program owns its rows)."""
+         RESETS: tl.constexpr, ATOMIC: tl.constexpr):
+    """dr, dw, dk, da, db are sums over value rows: with ATOMIC every program adds its part into one zeroed
+    float32 `[B, T, H, N]` buffer, else it writes its own slice of `[N / BV, B, T, H, N]` (program_id(1) picks
+    it). dv and ds0 are written whole (each program owns its rows)."""
     pid = tl.program_id(0)
     b_idx = pid // H
     h_idx = pid % H
@@ -175,11 +179,18 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, sa_ptr, c
                                                                  vec, vrow)
                             sa_s = tl.sum(S * a_s[None, :], axis=1)
                             S = S * w_s[None, :] + sa_s[:, None] * b_s[None, :] + v_s[:, None] * k_s[None, :]
-        tl.store(dr_ptr + part + off + vec, dr)
-        tl.store(dw_ptr + part + off + vec, dw)
-        tl.store(dk_ptr + part + off + vec, dk)
-        tl.store(da_ptr + part + off + vec, da)
-        tl.store(db_ptr + part + off + vec, db)
+        if ATOMIC:
+            tl.atomic_add(dr_ptr + off + vec, dr, sem="relaxed")
+            tl.atomic_add(dw_ptr + off + vec, dw, sem="relaxed")
+            tl.atomic_add(dk_ptr + off + vec, dk, sem="relaxed")
+            tl.atomic_add(da_ptr + off + vec, da, sem="relaxed")
+            tl.atomic_add(db_ptr + off + vec, db, sem="relaxed")
+        else:
+            tl.store(dr_ptr + part + off + vec, dr)
+            tl.store(dw_ptr + part + off + vec, dw)
+            tl.store(dk_ptr + part + off + vec, dk)
+            tl.store(da_ptr + part + off + vec, da)
+            tl.store(db_ptr + part + off + vec, db)
         tl.store(dv_ptr + off + vrow, dv.to(dv_ptr.dtype.element_ty))
         r, w, k, v, a, b, sa, dout = r_n, w_n, k_n, v_n, a_n, b_n, sa_n, dout_n
         off = nxt
@@ -191,7 +202,8 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,  # type: ignore[override]
                 s0: Tensor, starts: Tensor | None) -> tuple[Tensor, Tensor]:
         B, T, H, N = r.shape
-        block_v, num_warps = launch_settings()
+        settings = launch_settings()
+        block_v, num_warps = settings["block_v"], settings["num_warps"]
         if N % block_v:
             raise ValueError(f"block_v={block_v} must divide the head size {N}")
         inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
@@ -205,23 +217,25 @@ class _WKV7(torch.autograd.Function):
         _fwd[grid](*inputs, s0, flags, out, sa, ckpt, final, T, H, N, block_v, CHUNK, starts is not None,
                    num_warps=num_warps)
         ctx.save_for_backward(*inputs, s0, flags, sa, ckpt, final)
-        ctx.launch = grid, block_v, num_warps, starts is not None
+        ctx.launch = grid, block_v, num_warps, starts is not None, bool(settings["atomic"]) and grid[1] > 1
         return out, final
 
     @staticmethod
     def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         r, log_decay, k, v, a, b, s0, flags, sa, ckpt, final = ctx.saved_tensors
-        grid, block_v, num_warps, resets = ctx.launch
+        grid, block_v, num_warps, resets, atomic = ctx.launch
         B, T, H, N = r.shape
         dout = dout.contiguous()
         dfinal = torch.zeros_like(final) if dfinal is None else dfinal.float().contiguous()
-        # Gradients summed over value rows come per block of rows (float32), then are added up.
-        parts = [torch.empty(grid[1], B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5)]
+        # Gradients summed over value rows (float32): added up atomically, or per block of rows and then summed.
+        shape = (B, T, H, N) if atomic else (grid[1], B, T, H, N)
+        parts = [(torch.zeros if atomic else torch.empty)(shape, device=r.device, dtype=torch.float32)
+                 for _ in range(5)]
         dv = torch.empty_like(v)
         ds0 = torch.empty_like(final)
         _bwd[grid](r, log_decay, k, v, a, b, s0, flags, sa, ckpt, final, dout, dfinal, *parts[:2], parts[2], dv,
-                   *parts[3:], ds0, T, H, N, block_v, CHUNK, resets, num_warps=num_warps)
-        dr, dw, dk, da, db = (p.sum(0).to(x.dtype) if grid[1] > 1 else p[0].to(x.dtype)
+                   *parts[3:], ds0, T, H, N, block_v, CHUNK, resets, atomic, num_warps=num_warps)
+        dr, dw, dk, da, db = (p.to(x.dtype) if atomic else p.sum(0).to(x.dtype)
                               for p, x in zip(parts, (r, log_decay, k, a, b), strict=True))
         return dr, dw, dk, dv, da, db, ds0, None
 
