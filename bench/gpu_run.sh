@@ -193,14 +193,15 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
     run_on 0 $(($(left) - 20)) --models 0.1b,0.4b,2.9b --workloads a --graphs on --compile on
     ;;
-  triton)  # one GPU: the GPU tests (graph accumulation, Triton kernels), our Triton WKV kernels checked against
-           # the reference (bf16, fp32) and timed, then 1.5B (a) and (c) trained with them and with fla (graphs on)
+  triton)  # one GPU: the GPU tests (graph accumulation, Triton kernels, packed rows), our Triton WKV kernels timed
+           # per launch setting against fla, then 1.5B (a) and (c) trained with them (graphs, packed rows) and fla
     gpu_tests 150 0
-    TRITON_CONFIGS="${TRITON_CONFIGS:-block_v=64,num_warps=4;block_v=64,num_warps=8;block_v=32,num_warps=2;block_v=32,num_warps=4;block_v=16,num_warps=1;block_v=16,num_warps=2;block_v=16,num_warps=4;block_v=8,num_warps=1;block_v=8,num_warps=2}" \
-      wkv_check 0 200 bf16,fp32 triton
+    TRITON_CONFIGS="${TRITON_CONFIGS:-block_v=16,num_warps=1;block_v=16,num_warps=1,atomic=1;block_v=8,num_warps=1,atomic=1;block_v=32,num_warps=1;block_v=32,num_warps=1,atomic=1;block_v=4,num_warps=1,atomic=1;block_v=64,num_warps=2}" \
+      wkv_check 0 120 bf16 triton
     wkv_check 0 60 bf16 fla
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv triton,fla
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --wkv triton
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --compile on --wkv triton
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --compile off --wkv triton
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv fla
     ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on

@@ -16,7 +16,8 @@ Workloads (synthetic token streams; the model is random, so only speed, memory a
 losses mean anything):
   a  ctx_len 512,  micro_bsz 8, every sample longer than ctx_len (RWKV-PEFT's tutorial), loss on all tokens
   b  ctx_len 1024, micro_bsz 1, every sample longer than ctx_len (RWKV-PEFT's memory table), loss on all tokens
-  c  short dialogues of 50-300 tokens, loss on the reply half, micro_bsz 24 (about as many tokens per step as a)
+  c  short dialogues of 50-300 tokens, loss on the reply half, micro_bsz 24 (about as many tokens per step as a);
+     packed (`--pack on`): micro_bsz 8 rows of 512 tokens, each holding as many whole dialogues as fit
 
 Measured per row: real (non-padding) tokens/s as the median over the steps after `--warmup` (wall clock
 between optimizer steps; the trainer syncs once per step), peak memory as `torch.cuda.max_memory_allocated`
@@ -27,7 +28,8 @@ five (`loss_last5`). Prints one table last and appends rows to `--json`.
 Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
 `--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
 or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`; `--emb-host off` keeps the embedding
-table on the GPU; `--wkv fla,triton` picks the WKV kernels (rwkv7.wkv backends).
+table on the GPU; `--wkv fla,triton` picks the WKV kernel (TrainParams.wkv_kernel; default auto = triton);
+`--pack on,off` (TrainParams.pack: samples packed into fixed rows that restart at each sample; default: auto).
 `--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
 On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.
 """
@@ -78,18 +80,19 @@ class Workload:
     name: str
     ctx_len: int
     micro_bsz: int
+    micro_bsz_packed: int  # rows of ctx_len per micro-batch when samples are packed (TrainParams.pack)
     min_len: int | None  # None: every sample is longer than ctx_len (truncated to it)
     max_len: int | None
     loss_on_all: bool
 
 
 WORKLOADS = {
-    "a": Workload("a", 512, 8, None, None, True),
-    "b": Workload("b", 1024, 1, None, None, True),
-    "c": Workload("c", 512, 24, 50, 300, False),
+    "a": Workload("a", 512, 8, 8, None, None, True),
+    "b": Workload("b", 1024, 1, 1, None, None, True),
+    "c": Workload("c", 512, 24, 8, 50, 300, False),
     # CPU smoke tests of this script (the reference WKV is a Python loop over time)
-    "ta": Workload("ta", 24, 4, None, None, True),
-    "tc": Workload("tc", 32, 6, 6, 24, False),
+    "ta": Workload("ta", 24, 4, 4, None, None, True),
+    "tc": Workload("tc", 32, 6, 2, 6, 24, False),
 }
 
 
@@ -114,7 +117,8 @@ class Spec:
     pyprofile: bool = False  # cProfile of PYPROFILE_STEPS steps after warm-up (where the CPU time goes)
     graphs: bool = False  # TrainParams.cuda_graphs on (padded fixed-shape batches, replayed graphs) or off (packed)
     emb_host: bool = True  # TrainParams.embedding_on_host
-    wkv: str = ""  # WKV backend (STATETUNE_WKV_BACKEND: fla, triton); "" = the default (fla on CUDA)
+    wkv: str = ""  # TrainParams.wkv_kernel (fla, triton); "" = auto
+    pack: str = "auto"  # TrainParams.pack (on, off, auto)
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -239,16 +243,13 @@ def load_like_train_state(sd: dict[str, Any], cfg: Any, spec: Spec, codec: Any =
 def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str, Any]:
     """Measure one row in this process; returns the JSON row."""
     os.environ["STATETUNE_FLA_CHUNK"] = spec.fla_chunk
-    if spec.wkv:
-        os.environ["STATETUNE_WKV_BACKEND"] = spec.wkv
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from rwkv7.data import BucketBatchSampler
     from rwkv7.quant import reference_codec
-    from rwkv7.train import (ShardBatches, TrainParams, _optim, _trainer, configure_cuda_allocator, training_collate,
-                             use_cuda_graphs)
+    from rwkv7.train import (ShardBatches, TrainParams, _optim, _trainer, batch_layout, configure_cuda_allocator,
+                             training_batches, use_cuda_graphs)
     from rwkv7.tuning import StateTuner
 
     cuda = spec.device == "cuda"
@@ -269,22 +270,23 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     model = load_like_train_state(sd, cfg, spec, codec)
     del sd
     load_s = time.time() - t_load
-    n_batches = spec.steps * spec.devices
-    samples = synthetic_samples(w, w.micro_bsz * n_batches, seed=spec.seed + 1, vocab=cfg.vocab_size)
-    sampler = BucketBatchSampler([s.n_inputs for s in samples], w.micro_bsz, spec.seed, window_batches=16,
-                                 num_replicas=spec.devices)
+    device = torch.device(spec.device)
     params = TrainParams(ctx_len=w.ctx_len, micro_bsz=w.micro_bsz, max_steps=spec.steps, lr_init=spec.lr,
                          lr_final=spec.lr / 100, grad_cp=spec.grad_cp, loss_chunk=spec.loss_chunk,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
                          progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
                          compile=spec.compile, cuda_graphs="on" if spec.graphs else "off",
-                         embedding_on_host=spec.emb_host)
-    device = torch.device(spec.device)
-    graphs = use_cuda_graphs(params, device)
-    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
-                                         collate_fn=training_collate(params, device, graphs))
-    module = StateTuner(model, _optim(params, spec.steps, graphs), sampler,
-                        embedding_on_host=params.embedding_on_host)
+                         embedding_on_host=spec.emb_host, wkv_kernel=spec.wkv or "auto", pack=spec.pack,
+                         bucket_window=16)
+    layout = batch_layout(params, device, use_cuda_graphs(params, device))
+    if layout.pack:
+        params = params.model_copy(update={"micro_bsz": w.micro_bsz_packed})
+    # Enough samples for every step on every rank (packed rows hold several short samples each).
+    per_batch = params.micro_bsz * (w.ctx_len // (w.min_len or w.ctx_len)) if layout.pack else params.micro_bsz
+    samples = synthetic_samples(w, per_batch * spec.steps * spec.devices, seed=spec.seed + 1, vocab=cfg.vocab_size)
+    sampler, collate = training_batches(params, [s.n_inputs for s in samples], layout)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate)
+    module = StateTuner(model, _optim(params, spec.steps, layout), sampler, embedding_on_host=params.embedding_on_host)
     clock: dict[str, float] = {}
 
     class FirstStep(Callback):
@@ -313,7 +315,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
         "grad_cp": spec.grad_cp, "compile": spec.compile, "graphs": spec.graphs, "emb_host": spec.emb_host,
-        "wkv": spec.wkv or "default",
+        "wkv": layout.wkv, "pack": layout.pack, "micro_bsz": params.micro_bsz,
         "nvml_period": spec.nvml_period,
         "fla_chunk": spec.fla_chunk, "devices": spec.devices,
         "tokens_per_s": per_rank * spec.devices,
@@ -335,7 +337,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 def row_name(spec: Spec) -> str:
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
-            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvdefault'}-k{spec.fla_chunk}-d{spec.devices}-"
+            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvauto'}-p{spec.pack}-k{spec.fla_chunk}-"
+            f"d{spec.devices}-"
             f"nv{spec.nvml_period:g}")
 
 
@@ -437,10 +440,10 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
                  nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
-                 wkv=wkv)
-            for m, w, p, g, c, cg, f, wkv in itertools.product(split(args.models), split(args.workloads),
-                                                               split(args.precisions), grad_cps, compiles, graphs,
-                                                               split(args.fla_chunk), split(args.wkv) or [""])]
+                 wkv=wkv, pack=pack)
+            for m, w, p, g, c, cg, f, wkv, pack in itertools.product(
+                split(args.models), split(args.workloads), split(args.precisions), grad_cps, compiles, graphs,
+                split(args.fla_chunk), split(args.wkv) or [""], split(args.pack))]
 
 
 def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: Path | None = None
@@ -468,15 +471,18 @@ def run_isolated(spec: Spec, log_dir: Path | None, timeout: float, profile_dir: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """One line per row; `wkv` is the WKV kernel: fla with its chunk size (fla64, fla16) or our triton."""
-    head = (f"| {'model':5} | wl | {'prec':4} | cp | cmp | gr | {'wkv':6} | dev | {'tokens/s':>9} | {'step ms':>8} | "
+    """One line per row; `wkv` is the WKV kernel: fla with its chunk size (fla64, fla16), our triton, or the
+    reference (CPU); `pk` 1 where samples were packed into rows (TrainParams.pack)."""
+    head = (f"| {'model':5} | wl | {'prec':4} | cp | cmp | gr | {'wkv':6} | pk | dev | {'tokens/s':>9} | {'step ms':>8} | "
             f"{'alloc GB':>8} | {'proc GB':>7} | {'1st step s':>10} | {'final loss':>10} | {'last5':>7} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         wkv = r.get("wkv") or "default"
-        wkv = f"fla{r['fla_chunk']}" if wkv in ("default", "fla") else wkv
+        wkv = f"fla{r['fla_chunk']}" if wkv in ("default", "fla") else {"reference": "ref"}.get(wkv, wkv)
         start = (f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {int(r['grad_cp'])}  | "
-                 f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {wkv:6} | {r['devices']:3} | ")
+                 f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {wkv:6} | "
+                 f"{ {True: '1', 'on': '1', False: '0', 'off': '0'}.get(r.get('pack', False), '?')}  | "
+                 f"{r['devices']:3} | ")
         if "error" in r:
             lines.append(f"{start}ERROR {r['error'][:150]}")
             continue
@@ -505,7 +511,9 @@ def main() -> int:
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
-    parser.add_argument("--wkv", default="", help="comma list of WKV backends (fla, triton); default: fla on CUDA")
+    parser.add_argument("--wkv", default="", help="comma list of WKV kernels (fla, triton); default: auto (triton "
+                                                   "on CUDA, the reference on CPU)")
+    parser.add_argument("--pack", default="auto", help="comma list of on, off, auto (TrainParams.pack)")
     parser.add_argument("--emb-host", default="on", choices=("on", "off"),
                         help="TrainParams.embedding_on_host (off: the embedding table on the GPU)")
     parser.add_argument("--fla-chunk", default="64", help="comma list of 64 (with the decay bound), 16 (fla default)")

@@ -10,11 +10,15 @@ counts target t when `mask[t+1]` is set: reply tokens only (`loss_on="assistant"
 (`"all"`, RWKV-PEFT's behaviour). `ctx_len` bounds the inputs: a longer sample is truncated to its first
 ctx_len+1 tokens (`overlong="truncate"`, default) or dropped (`"drop"`); both are counted.
 
-Batches never mix samples: on CPU, `pad_collate` right-pads to the batch's longest sample (RWKV is causal, so
-padding after a sequence cannot change it; padded targets are masked); on GPU, `pack_collate` concatenates the
-batch into one row with `cu_seqlens`, and each sequence starts from the tuned state, or (CUDA graphs)
-`pad_collate` pads to a few fixed shapes. `BucketBatchSampler`
-groups samples of similar length (sort within a seeded shuffled window) so padding stays small.
+Batches never mix samples within a sequence: on CPU, `pad_collate` right-pads to the batch's longest sample
+(RWKV is causal, so padding after a sequence cannot change it; padded targets are masked); on GPU,
+`pack_collate` concatenates the batch into one row with `cu_seqlens`, and each sequence starts from the tuned
+state, or (CUDA graphs) `pad_collate` pads to a few fixed shapes. `BucketBatchSampler` groups samples of similar
+length (sort within a seeded shuffled window) so padding stays small.
+Packed rows (`PackedBatchSampler` + `pack_rows_collate`): a micro-batch is a fixed `[rows, width]` block, each
+row holding as many whole samples as fit (first fit, in a seeded shuffled order); `starts` flags where each
+sample begins, so the model restarts token shift and WKV there from the tuned state. One shape for every
+batch, and almost no padding, whatever the lengths.
 """
 
 from __future__ import annotations
@@ -234,14 +238,108 @@ class BucketBatchSampler(Sampler[list[int]]):
         return [b[self.rank::self.num_replicas] for b in batches if len(b) >= self.num_replicas]
 
 
+def _first_fit(free: list[int], n: int, width: int, rows: int) -> int | None:
+    """Row for an item of n tokens: the first with room (opening a new one while fewer than `rows` are open),
+    or None; updates `free` (room left per open row)."""
+    row = next((r for r, room in enumerate(free) if room >= n), None)
+    if row is None:
+        if len(free) == rows or n > width:
+            return None
+        free.append(width)
+        row = len(free) - 1
+    free[row] -= n
+    return row
+
+
+def first_fit_rows(lengths: Sequence[int], width: int, rows: int) -> list[list[int]] | None:
+    """Place items of `lengths` (in this order) into at most `rows` rows of `width`, each into the first row with
+    room: positions per row, or None if some item does not fit. First fit is online (placing one more item never
+    moves the others), so `pack_rows_collate` lays out exactly the rows `packed_batches` filled.
+    >>> first_fit_rows([300, 300, 200, 100], 512, rows=2)
+    [[0, 2], [1, 3]]
+    """
+    layout: list[list[int]] = []
+    free: list[int] = []
+    for i, n in enumerate(lengths):
+        row = _first_fit(free, n, width, rows)
+        if row is None:
+            return None
+        if row == len(layout):
+            layout.append([])
+        layout[row].append(i)
+    return layout
+
+
+def packed_batches(lengths: Sequence[int], rows: int, width: int, seed: int, epoch: int, lookahead: int
+                   ) -> list[list[int]]:
+    """Sample indices grouped so that each group fills `rows` rows of `width` tokens by first fit; deterministic
+    in (seed, epoch). Shuffle all indices, then fill a batch in that order; an index that does not fit is passed
+    over while up to `lookahead` later ones are tried, and the batch closes when none of them fits. Every index
+    appears exactly once (each length must be ≤ width).
+    >>> packed_batches([300, 300, 200, 100, 50], rows=1, width=512, seed=0, epoch=0, lookahead=4)
+    [[2, 1], [0, 4, 3]]
+    """
+    too_long = [n for n in lengths if n > width]
+    if too_long:
+        raise ValueError(f"{len(too_long)} samples are longer than the row width {width} (e.g. {too_long[0]})")
+    order = list(range(len(lengths)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    used = [False] * len(order)
+    batches: list[list[int]] = []
+    for head, first in enumerate(order):
+        if used[first]:
+            continue
+        used[first] = True
+        batch, free = [first], [width - lengths[first]]
+        passed_over = 0
+        for candidate in order[head + 1:]:
+            if passed_over == lookahead:
+                break
+            if used[candidate]:
+                continue
+            if _first_fit(free, lengths[candidate], width, rows) is None:
+                passed_over += 1
+            else:
+                batch.append(candidate)
+                used[candidate] = True
+        batches.append(batch)
+    return batches
+
+
+class PackedBatchSampler(BucketBatchSampler):
+    """`packed_batches` for a DataLoader's `batch_sampler`: each batch fills `rows` rows of `width` tokens.
+
+    Same interface as `BucketBatchSampler` (set_epoch, skip, sharding over `num_replicas` processes, where each
+    global batch is num_replicas consecutive packed batches and process `rank` takes its own).
+    """
+
+    LOOKAHEAD = 64
+
+    def __init__(self, lengths: Sequence[int], rows: int, width: int, seed: int, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        super().__init__(lengths, rows, seed, 1, num_replicas, rank)
+        self.width = width
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != self.epoch:  # __len__ and __iter__ share one computation
+            batches = packed_batches(self.lengths, self.micro_bsz, self.width, self.seed, self.epoch, self.LOOKAHEAD)
+            self._cache = (self.epoch, batches)
+        batches = self._cache[1]
+        n = self.num_replicas
+        return [batches[i + self.rank] for i in range(0, len(batches) - n + 1, n)]
+
+
 @dataclass
 class Batch:
     """Model inputs for one micro-batch.
 
     Padded: `tokens, targets [B, T]` LongTensor, `loss_mask [B, T]` bool, `cu_seqlens` None.
     Packed: `tokens, targets, loss_mask [1, total]` and `cu_seqlens [S+1]` LongTensor (sequence boundaries).
-    `n_real` is the number of non-padding input tokens, `n_targets` the number of masked-in targets (known
-    on the host, so a trainer need not read it back from the GPU).
+    Packed rows: `tokens, targets, loss_mask [R, W]` and `starts [R, W]` bool (True where a sample begins;
+    the rest of a row after its last sample is padding).
+    `n_real` is the number of non-padding input tokens, `n_targets` the number of masked-in targets, `n_samples`
+    the number of samples (all known on the host, so a trainer need not read them back from the GPU).
     """
 
     tokens: Tensor
@@ -250,9 +348,13 @@ class Batch:
     cu_seqlens: Tensor | None
     n_real: int
     n_targets: int
+    starts: Tensor | None = None
+    n_samples: int = 0
 
     @property
     def n_sequences(self) -> int:
+        if self.starts is not None:
+            return self.n_samples
         return self.tokens.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
 
 
@@ -283,3 +385,27 @@ def pack_collate(samples: Sequence[Sample]) -> Batch:
     lengths = torch.tensor([0] + [s.n_inputs for s in samples])
     return Batch(tokens, targets, mask, torch.cumsum(lengths, 0), int(lengths.sum()), int(mask.sum()))
 
+
+
+def pack_rows_collate(samples: Sequence[Sample], width: int, rows: int) -> Batch:
+    """Lay the samples out in `rows` rows of `width` by `first_fit_rows` (as `PackedBatchSampler` chose them):
+    `[rows, width]` tensors plus `starts`, True at each sample's first input; a row's unused tail is padding."""
+    layout = first_fit_rows([s.n_inputs for s in samples], width, rows)
+    if layout is None:
+        raise ValueError(f"{len(samples)} samples do not fit {rows} rows of {width} tokens")
+    tokens = torch.full((rows, width), PAD_ID, dtype=torch.long)
+    targets = torch.full_like(tokens, PAD_ID)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    starts = torch.zeros(tokens.shape, dtype=torch.bool)
+    for row, members in enumerate(layout):
+        col = 0
+        for i in members:
+            s = samples[i]
+            n = s.n_inputs
+            tokens[row, col:col + n] = torch.tensor(s.ids[:-1])
+            targets[row, col:col + n] = torch.tensor(s.ids[1:])
+            mask[row, col:col + n] = torch.tensor(s.mask[1:])
+            starts[row, col] = True
+            col += n
+    n_real = sum(s.n_inputs for s in samples)
+    return Batch(tokens, targets, mask, None, n_real, int(mask.sum()), starts=starts, n_samples=len(samples))

@@ -31,14 +31,19 @@ LN_X_EPS = 64e-5  # GroupNorm over heads on the WKV output (BlinkDL: 1e-5 * head
 W_LOG_DECAY_MIN = -math.exp(-0.5)  # log decay = W_LOG_DECAY_MIN * sigmoid(...), so decay in (0.545, 1)
 
 
-def token_shift(x: Tensor, shift: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+def token_shift(x: Tensor, shift: Tensor, cu_seqlens: Tensor | None, starts: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
     """Previous-token inputs for `x [B, T, C]`: (prev [B, T, C], last token per sequence [S, C]).
 
     The first token of each sequence sees `shift [S, C]` (S = B, or the number of packed sequences when
-    `cu_seqlens [S+1]` is given with B = 1).
+    `cu_seqlens [S+1]` is given with B = 1). With `starts [B, T]` every flagged position sees its row's shift
+    too (rows holding several sequences; the last token returned is the row's).
     """
     if cu_seqlens is None:
-        return torch.cat((shift.to(x.dtype).unsqueeze(1), x[:, :-1]), dim=1), x[:, -1]
+        prev = torch.cat((shift.to(x.dtype).unsqueeze(1), x[:, :-1]), dim=1)
+        if starts is not None:
+            prev = torch.where(starts.unsqueeze(-1), shift.to(x.dtype).unsqueeze(1), prev)
+        return prev, x[:, -1]
     starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
     prev = torch.cat((x[0, :1], x[0, :-1]), dim=0).index_copy(0, starts, shift.to(x.dtype))
     return prev.unsqueeze(0), x[0, ends - 1]
@@ -62,9 +67,10 @@ class TimeMix(nn.Module):
         self.r_k = nn.Parameter(torch.empty(H, N))
         self.receptance, self.key, self.value, self.output = (nn.Linear(C, C, bias=False) for _ in range(4))
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
+        self.wkv_backend: str | None = None  # rwkv7.wkv backend; None: its default (a trainer may pick one)
 
     def forward(self, u: Tensor, prev: Tensor, v_first: Tensor | None, wkv_state: Tensor,
-                cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                cu_seqlens: Tensor | None, starts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """`u, prev [B, T, C]` (LN1 output and its shift) → (delta [B, T, C], wkv [S, H, N, N], v_first)."""
         B, T, C = u.shape
         H, N = self.n_head, self.head_size
@@ -85,7 +91,7 @@ class TimeMix(nn.Module):
         k = k * (1 + (iclr - 1) * self.k_a)
         r4, k4, v4, iclr4 = (x.view(B, T, H, N) for x in (r, k, v, iclr))
         out, wkv_state = wkv7(r4, log_decay.view(B, T, H, N), k4, v4, -kappa, kappa * iclr4, wkv_state,
-                              cu_seqlens=cu_seqlens)
+                              cu_seqlens=cu_seqlens, starts=starts, backend=self.wkv_backend)
         out = self.ln_x(out.reshape(B * T, C)).view(B, T, H, N)
         bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
         return self.output((out + bonus).view(B, T, C) * gate), wkv_state, v_first
@@ -116,14 +122,15 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg)
 
     def forward(self, x: Tensor, v_first: Tensor | None, att_shift: Tensor, wkv: Tensor, ffn_shift: Tensor,
-                cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                cu_seqlens: Tensor | None, starts: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, C] and this layer's state → (x, v_first, att_shift [S, C], wkv [S, H, N, N], ffn_shift)."""
         u = self.ln1(x)
-        prev, att_shift = token_shift(u, att_shift, cu_seqlens)
-        delta, wkv, v_first = self.att(u, prev, v_first, wkv, cu_seqlens)
+        prev, att_shift = token_shift(u, att_shift, cu_seqlens, starts)
+        delta, wkv, v_first = self.att(u, prev, v_first, wkv, cu_seqlens, starts)
         x = x + delta
         z = self.ln2(x)
-        prev, ffn_shift = token_shift(z, ffn_shift, cu_seqlens)
+        prev, ffn_shift = token_shift(z, ffn_shift, cu_seqlens, starts)
         return x + self.ffn(z, prev), v_first, att_shift, wkv, ffn_shift
 
 
@@ -165,25 +172,29 @@ class RWKV7(nn.Module):
         return self.emb(tokens.to(table.device)).to(tokens.device)
 
     def forward(self, tokens: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None,
-                return_hidden: bool = False) -> tuple[Tensor, RWKVState]:
+                return_hidden: bool = False, starts: Tensor | None = None) -> tuple[Tensor, RWKVState]:
         """Run `tokens [B, T]` (LongTensor, T ≥ 1) from `state` (zeros if None; batch 1 broadcasts).
 
         Returns `(logits [B, T, V], final state with batch S)`, or with `return_hidden` the normalized
         hidden states `[B, T, C]` instead of logits (then `model.head(hidden)` gives the logits, so a trainer
         can compute the loss chunk by chunk). With `cu_seqlens` (`[S+1]`, B = 1) the row holds S packed
         sequences; token shift and WKV restart at each boundary from the state's row for that sequence.
+        With `starts` (bool `[B, T]`) each row may hold several sequences: token shift and WKV restart from the
+        row's state at every flagged position (fixed shapes; needs the "reference" or "triton" WKV backend).
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B, T] LongTensor, got shape {tuple(tokens.shape)}")
         if cu_seqlens is not None and tokens.shape[0] != 1:
             raise ValueError(f"cu_seqlens needs tokens of shape [1, total], got {tuple(tokens.shape)}")
-        hidden, final = self.run_blocks(self.embed(tokens), state, cu_seqlens)
+        hidden, final = self.run_blocks(self.embed(tokens), state, cu_seqlens, starts)
         return (hidden if return_hidden else self.head(hidden)), final
 
-    def run_blocks(self, x: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None
-                   ) -> tuple[Tensor, RWKVState]:
+    def run_blocks(self, x: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None,
+                   starts: Tensor | None = None) -> tuple[Tensor, RWKVState]:
         """Embedding rows `x [B, T, C]` → (normalized hidden states `[B, T, C]`, final state): `forward`
         without the lookup and the head, for callers that embed themselves (a CUDA-graphed training step)."""
+        if starts is not None and (cu_seqlens is not None or starts.shape != x.shape[:2]):
+            raise ValueError(f"starts must be [B, T] = {tuple(x.shape[:2])} and comes without cu_seqlens")
         n_seq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if state is None:
             state = RWKVState.zeros(self.config, n_seq, self.device, self.dtype)
@@ -193,7 +204,7 @@ class RWKV7(nn.Module):
         att_shift, wkv, ffn_shift = [], [], []
         for i, block in enumerate(self.blocks):
             x, v_first, a_s, w_s, f_s = block(x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i],
-                                              cu_seqlens)
+                                              cu_seqlens, starts)
             att_shift.append(a_s)
             wkv.append(w_s)
             ffn_shift.append(f_s)

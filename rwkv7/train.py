@@ -23,6 +23,7 @@ import statistics
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rwkv7.atomic import atomic_path, file_sha256, write_json, write_text
-from rwkv7.data import Batch, BucketBatchSampler, Sample, load_samples, pack_collate, pad_collate
+from rwkv7.data import (Batch, BucketBatchSampler, PackedBatchSampler, Sample, load_samples, pack_collate,
+                        pack_rows_collate, pad_collate)
 from rwkv7.model import RWKV7, load_model
 from rwkv7.quant import QuantizationError, check_precision, quantize_model
 from rwkv7.state import save_state
@@ -84,12 +86,21 @@ class TrainParams(BaseModel):
                                              "kernels, fewer launches; the first step pays the compilation)")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="capture each batch shape's forward+backward in a CUDA graph and replay it (batches "
-                            "padded to widths in steps of 32 tokens); auto: on for CUDA in bf16 without "
-                            "distill_prompt, off elsewhere; on: also int8/nf4 (an error on CPU)")
+                            "packed into fixed rows, or padded to widths in steps of 32 tokens); auto: on for "
+                            "CUDA in bf16 without distill_prompt, off elsewhere; on: also int8/nf4 (an error on CPU)")
+    wkv_kernel: Literal["auto", "fla", "triton"] = Field(
+        "auto", description="CUDA WKV-7 kernel for training: triton (ours; restarts sequences mid-row, so samples "
+                            "can be packed) or fla (flash-linear-attention's chunk kernel); auto: triton. CPU "
+                            "always runs the reference")
+    pack: Literal["auto", "on", "off"] = Field(
+        "auto", description="pack whole samples into micro_bsz rows of ctx_len tokens per micro-batch (the model "
+                            "restarts from the tuned state at each sample; almost no padding, one batch shape); "
+                            "off: micro_bsz samples per micro-batch; auto: on with CUDA graphs and the triton "
+                            "kernel")
     loss_on: Literal["assistant", "all"] = "assistant"
     overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 42
-    bucket_window: int = Field(16, ge=1, description="batches per length-sorting window")
+    bucket_window: int = Field(16, ge=1, description="batches per length-sorting window (without pack)")
     loss_chunk: int = Field(1024, ge=1, description="scored positions per head matmul")
     ckpt_every_n_steps: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -184,10 +195,9 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
         raise TrainingError(f"{data_path}: token id {top_id} is outside the vocabulary of {model_path} "
                             f"({model.config.vocab_size} tokens)")
     data_sha = file_sha256(data_path)
-    sampler = BucketBatchSampler([s.n_inputs for s in samples], params.micro_bsz, params.seed, params.bucket_window,
-                                 num_replicas=params.devices)
-    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
-                                         collate_fn=training_collate(params, device, graphs))
+    layout = batch_layout(params, device, graphs)
+    sampler, collate = training_batches(params, [s.n_inputs for s in samples], layout)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate)
     steps_per_epoch = math.ceil(len(sampler) / params.accumulate_grad_batches)
     total_steps = params.max_steps or params.epochs * steps_per_epoch
     if params.warmup_steps >= total_steps:
@@ -195,7 +205,7 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
                       f"reaches lr_init={params.lr_init}", stacklevel=2)
     distill = (encode(render_text([{"role": "system", "content": params.distill_prompt}]))
                if params.distill_prompt else None)
-    module = StateTuner(model, _optim(params, total_steps, graphs), sampler, distill, params.embedding_on_host)
+    module = StateTuner(model, _optim(params, total_steps, layout), sampler, distill, params.embedding_on_host)
     meta = {"training": params.model_dump(), "data": {"file": data_path.name, "sha256": data_sha}}
     trainer = _trainer(params, device, out_dir, total_steps, steps_per_epoch,
                        [EpochStates(out_dir, model, meta), ResumeGuard({**params.model_dump(), "data_sha256": data_sha}),
@@ -298,19 +308,52 @@ def graph_width_multiple(ctx_len: int) -> int:
     return GRAPH_WIDTH_STEP * max(1, math.ceil(ctx_len / (GRAPH_WIDTH_STEP * GRAPH_MAX_SHAPES)))
 
 
-def training_collate(p: TrainParams, device: torch.device, graphs: bool) -> Callable[[Sequence[Sample]], Batch]:
-    """Padded fixed-shape batches for CUDA graphs (`graphs`: `use_cuda_graphs`'s answer), packed varlen rows on
-    CUDA otherwise, padded on CPU."""
-    if graphs:
-        return functools.partial(pad_collate, multiple=graph_width_multiple(p.ctx_len), rows=p.micro_bsz)
-    return pack_collate if device.type == "cuda" else pad_collate
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run lays out its micro-batches, resolved from params and device (`batch_layout`)."""
+
+    device: torch.device
+    graphs: bool  # CUDA graphs (`use_cuda_graphs`)
+    wkv: str  # rwkv7.wkv backend the blocks use: "reference" (CPU), "fla" or "triton"
+    pack: bool  # whole samples packed into fixed rows that restart at each sample
 
 
-def _optim(p: TrainParams, total_steps: int, cuda_graphs: bool = False) -> OptimSettings:
+def batch_layout(p: TrainParams, device: torch.device, graphs: bool) -> BatchLayout:
+    """Resolve `wkv_kernel` and `pack` (see TrainParams); combinations that cannot run are a TrainingError."""
+    if device.type != "cuda":
+        if p.wkv_kernel != "auto":
+            raise TrainingError(f"wkv_kernel: {p.wkv_kernel} needs CUDA; on CPU the reference runs (use auto)")
+        wkv = "reference"
+    else:
+        wkv = "fla" if p.wkv_kernel == "fla" else "triton"
+    if p.pack == "on" and wkv == "fla":
+        raise TrainingError("pack: on needs a WKV kernel that restarts sequences mid-row: wkv_kernel triton (or "
+                            "auto), or pack: off for fla")
+    pack = p.pack == "on" or (p.pack == "auto" and graphs and wkv == "triton")
+    return BatchLayout(device, graphs, wkv, pack)
+
+
+def training_batches(p: TrainParams, lengths: Sequence[int], layout: BatchLayout
+                     ) -> tuple[BucketBatchSampler, Callable[[Sequence[Sample]], Batch]]:
+    """The batch sampler and collate function of a run: packed rows of ctx_len (`layout.pack`: one shape for
+    every batch), else length-bucketed samples padded to a few fixed shapes for CUDA graphs, packed varlen
+    rows on CUDA without graphs, padded on CPU."""
+    if layout.pack:
+        sampler = PackedBatchSampler(lengths, p.micro_bsz, p.ctx_len, p.seed, num_replicas=p.devices)
+        return sampler, functools.partial(pack_rows_collate, width=p.ctx_len, rows=p.micro_bsz)
+    sampler = BucketBatchSampler(lengths, p.micro_bsz, p.seed, p.bucket_window, num_replicas=p.devices)
+    if layout.graphs:
+        return sampler, functools.partial(pad_collate, multiple=graph_width_multiple(p.ctx_len), rows=p.micro_bsz)
+    return sampler, pack_collate if layout.device.type == "cuda" else pad_collate
+
+
+def _optim(p: TrainParams, total_steps: int, layout: BatchLayout | None = None) -> OptimSettings:
     return OptimSettings(lr_init=p.lr_init, lr_final=p.lr_final, total_steps=total_steps,
                          warmup_steps=p.warmup_steps, beta1=p.beta1, beta2=p.beta2, adam_eps=p.adam_eps,
                          weight_decay=p.weight_decay, loss_chunk=p.loss_chunk, grad_cp=p.grad_cp,
-                         compile="inductor" if p.compile else None, cuda_graphs=cuda_graphs)
+                         compile="inductor" if p.compile else None,
+                         cuda_graphs=layout is not None and layout.graphs,
+                         wkv_backend=None if layout is None else layout.wkv)
 
 
 def _trainer(p: TrainParams, device: torch.device, out_dir: Path, total_steps: int, steps_per_epoch: int,

@@ -61,6 +61,7 @@ class OptimSettings:
     grad_cp: bool = False
     compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
     cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (fixed-shape padded batches)
+    wkv_backend: str | None = None  # rwkv7.wkv backend of the blocks during fit; None: rwkv7.wkv's default
 
 
 def lr_at(step: int, s: OptimSettings) -> float:
@@ -160,7 +161,8 @@ class StateTuner(L.LightningModule):
 
     def batch_loss(self, batch: Batch) -> tuple[Tensor, int]:
         """(summed loss over masked targets, number of masked targets) for one batch."""
-        hidden, _ = self.model(batch.tokens, self.tuned_state(), cu_seqlens=batch.cu_seqlens, return_hidden=True)
+        hidden, _ = self.model(batch.tokens, self.tuned_state(), cu_seqlens=batch.cu_seqlens, return_hidden=True,
+                               starts=batch.starts)
         mask = batch.loss_mask
         rows = hidden[mask]
         n = rows.shape[0]
@@ -170,16 +172,18 @@ class StateTuner(L.LightningModule):
         else:
             with torch.no_grad():
                 teacher_hidden, _ = self.model(batch.tokens, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
-                                               return_hidden=True)
+                                               return_hidden=True, starts=batch.starts)
             others = teacher_hidden[mask]
             fn = _chunk_kl
         return _chunked_head_loss(fn, self.model.head, self.optim.loss_chunk, rows, others), n
 
-    def dense_loss(self, x: Tensor, targets: Tensor, weights: Tensor, state_wkv: Tensor) -> Tensor:
+    def dense_loss(self, state_wkv: Tensor, x: Tensor, targets: Tensor, weights: Tensor,
+                   starts: Tensor | None = None) -> Tensor:
         """Summed cross-entropy over all `[B, T]` positions of embedded rows `x [B, T, C]`, weighted by
         `weights` (the loss mask as 0/1 floats): `batch_loss` without any data-dependent shape, so it can be
-        captured in a CUDA graph (every position goes through the head; masked ones count zero)."""
-        hidden, _ = self.model.run_blocks(x, RWKVState.from_wkv(state_wkv))
+        captured in a CUDA graph (every position goes through the head; masked ones count zero). `starts`: rows
+        of packed samples (`rwkv7.data.pack_rows_collate`)."""
+        hidden, _ = self.model.run_blocks(x, RWKVState.from_wkv(state_wkv), starts=starts)
         return _chunked_head_loss(_chunk_ce_weighted, self.model.head, self.optim.loss_chunk, hidden.flatten(0, 1),
                                   targets.flatten(), weights.flatten())
 
@@ -192,10 +196,13 @@ class StateTuner(L.LightningModule):
         return self._teacher
 
     def graphed_loss(self, batch: Batch) -> tuple[Tensor, int]:
-        """`batch_loss` of a padded batch through the CUDA graph of its shape (captured on first sight)."""
+        """`batch_loss` of a padded or row-packed batch through the CUDA graph of its shape (captured on first
+        sight)."""
         assert self._graphed is not None and batch.cu_seqlens is None and self.distill_prefix is None
-        x = self.model.embed(batch.tokens)
-        return self._graphed(x, batch.targets, batch.loss_mask.float(), self.state_wkv), batch.n_targets
+        inputs = (self.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
+        if batch.starts is not None:
+            inputs += (batch.starts,)
+        return self._graphed(self.state_wkv, *inputs), batch.n_targets
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss_sum, n = self.graphed_loss(batch) if self._graphed is not None else self.batch_loss(batch)
@@ -247,8 +254,11 @@ class StateTuner(L.LightningModule):
         `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing).
         `cuda_graphs`: training batches (padded, fixed shapes) run through `dense_loss` captured in a CUDA graph
         per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
+        `wkv_backend`: the WKV kernel every block uses (e.g. "triton", which packed rows need).
         All are undone in on_fit_end, so the model class stays free of training concerns.
         """
+        for block in self.model.blocks:
+            block.att.wkv_backend = self.optim.wkv_backend
         if self.embedding_on_host and self.model.device.type == "cuda":
             self.model.emb.to("cpu")  # Lightning moved the whole module to the GPU; the table goes back
             torch.cuda.empty_cache()
@@ -266,6 +276,7 @@ class StateTuner(L.LightningModule):
     def on_fit_end(self) -> None:
         self._graphed = None
         for block in self.model.blocks:
+            block.att.wkv_backend = None
             for module in (block, block.att, block.ffn):
                 module.__dict__.pop("forward", None)
         self.model.emb.to(self.model.device)

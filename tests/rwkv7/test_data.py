@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv7.data import (BucketBatchSampler, DatasetError, Sample, bucket_batches, encode_segments, load_samples,
-                        pack_collate, pad_collate)
+from rwkv7.data import (BucketBatchSampler, DatasetError, PackedBatchSampler, Sample, bucket_batches, encode_segments,
+                        first_fit_rows, load_samples, pack_collate, pack_rows_collate, packed_batches, pad_collate)
 from rwkv7.template import render
 
 
@@ -116,3 +116,43 @@ def test_pad_collate_rounds_the_width_and_adds_empty_rows_for_fixed_shapes() -> 
     assert batch.tokens.tolist() == [[1, 2, 3, 0], [5, 0, 0, 0], [0, 0, 0, 0]]
     assert batch.loss_mask.sum() == 3 and batch.n_targets == 3 and batch.n_real == 4
     assert pad_collate(samples, multiple=3).tokens.shape == (2, 3)  # already a multiple: no extra column
+
+
+def test_packed_batches_fill_rows_with_every_sample_once_deterministically() -> None:
+    lengths = [(i * 37) % 250 + 50 for i in range(400)]  # 50-299 tokens, like workload (c)
+    batches = packed_batches(lengths, rows=4, width=512, seed=1, epoch=0, lookahead=64)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    for b in batches:
+        assert first_fit_rows([lengths[i] for i in b], 512, 4) is not None  # what the collate will lay out
+    fill = sum(lengths) / (len(batches) * 4 * 512)
+    assert fill > 0.9  # first fit over a shuffled order wastes little
+    assert batches == packed_batches(lengths, rows=4, width=512, seed=1, epoch=0, lookahead=64)
+    assert batches != packed_batches(lengths, rows=4, width=512, seed=1, epoch=1, lookahead=64)
+    with pytest.raises(ValueError, match="longer than the row width 512"):
+        packed_batches([100, 513], rows=4, width=512, seed=0, epoch=0, lookahead=4)
+
+
+def test_packed_sampler_shards_over_processes_and_resumes_mid_epoch() -> None:
+    lengths = [(i * 13) % 40 + 5 for i in range(120)]
+    one = PackedBatchSampler(lengths, rows=2, width=48, seed=0)
+    ranks = [PackedBatchSampler(lengths, rows=2, width=48, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    everything = list(one)
+    assert len(ranks[0]) == len(ranks[1]) == len(everything) // 2
+    assert [b for pair in zip(*ranks, strict=True) for b in pair] == everything[:2 * len(ranks[0])]
+    one.skip(3)
+    assert list(one) == everything[3:] and list(one) == everything  # skip applies to the next pass only
+    one.set_epoch(1)
+    assert list(one) != everything
+
+
+def test_pack_rows_collate_lays_samples_out_with_their_starts() -> None:
+    samples = [Sample([1, 2, 3, 4], [False, False, True, True], "a"), Sample([5, 6, 7], [False, True, True], "b"),
+               Sample([8, 9, 10, 11, 12], [True] * 5, "c")]
+    batch = pack_rows_collate(samples, width=5, rows=2)  # inputs 3, 2, 4 → rows [a, b] and [c]
+    assert batch.tokens.tolist() == [[1, 2, 3, 5, 6], [8, 9, 10, 11, 0]]
+    assert batch.targets.tolist() == [[2, 3, 4, 6, 7], [9, 10, 11, 12, 0]]
+    assert batch.loss_mask.tolist() == [[False, True, True, True, True], [True, True, True, True, False]]
+    assert batch.starts.tolist() == [[True, False, False, True, False], [True, False, False, False, False]]
+    assert (batch.n_real, batch.n_targets, batch.n_sequences, batch.cu_seqlens) == (9, 8, 3, None)
+    with pytest.raises(ValueError, match="do not fit 1 rows of 5 tokens"):
+        pack_rows_collate(samples, width=5, rows=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,11 @@ from typer.testing import CliRunner
 
 from rwkv7.checkpoint import random_checkpoint, save_checkpoint
 from rwkv7.cli import app
-from rwkv7.data import DatasetError, pad_collate
+from rwkv7.data import DatasetError, PackedBatchSampler, pad_collate
 from rwkv7.model import load_model
 from rwkv7.state import load_state
-from rwkv7.train import (CSV_FIELDS, TrainingError, TrainParams, graph_width_multiple, train_state, training_collate,
-                         use_cuda_graphs)
+from rwkv7.train import (CSV_FIELDS, BatchLayout, TrainingError, TrainParams, batch_layout, graph_width_multiple,
+                         train_state, training_batches, use_cuda_graphs)
 
 N_SAMPLES, MICRO_BSZ = 12, 4  # 3 batches per epoch
 FAST = {"ctx_len": 40, "micro_bsz": MICRO_BSZ, "lr_init": 0.5, "lr_final": 0.05, "warmup_steps": 2,
@@ -181,13 +182,14 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
                                                                             tmp_path: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_cuda_graphs(TrainParams(), cpu)  # auto: off on CPU, where the padded collate stays plain
-    assert training_collate(TrainParams(), cpu, graphs=False) is pad_collate
+    assert training_batches(TrainParams(), [3, 4], batch_layout(TrainParams(), cpu, graphs=False))[1] is pad_collate
     assert use_cuda_graphs(TrainParams(), cuda)
     assert not use_cuda_graphs(TrainParams(precision="nf4"), cuda) and use_cuda_graphs(
         TrainParams(precision="nf4", cuda_graphs="on"), cuda)
     assert use_cuda_graphs(TrainParams(devices=2), cuda) and not use_cuda_graphs(TrainParams(cuda_graphs="off"), cuda)
     assert not use_cuda_graphs(TrainParams(distill_prompt="Be NEGA."), cuda)
-    collate = training_collate(TrainParams(ctx_len=512, micro_bsz=3), cuda, graphs=True)
+    fla = TrainParams(ctx_len=512, micro_bsz=3, wkv_kernel="fla")
+    _, collate = training_batches(fla, [3, 4], batch_layout(fla, cuda, graphs=True))
     assert collate.keywords == {"multiple": 32, "rows": 3}
     assert graph_width_multiple(512) == 32 and graph_width_multiple(1024) == 64 and graph_width_multiple(4096) == 256
     with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):
@@ -195,3 +197,30 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
     with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):
         train_state(world_model, dialogues, tmp_path / "out", TrainParams(**FAST, device="cpu", cuda_graphs="on"))
     assert not (tmp_path / "out").exists()
+
+
+def test_wkv_kernel_and_packing_resolve_per_device_and_refuse_what_cannot_run() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = TrainParams(ctx_len=512, micro_bsz=8)
+    assert batch_layout(auto, cpu, graphs=False) == BatchLayout(cpu, False, "reference", False)
+    assert batch_layout(auto, cuda, graphs=True) == BatchLayout(cuda, True, "triton", True)  # packed rows
+    assert batch_layout(auto, cuda, graphs=False).pack is False  # auto packs only under graphs
+    assert batch_layout(TrainParams(pack="on"), cpu, graphs=False).pack  # the reference restarts too
+    assert batch_layout(TrainParams(wkv_kernel="fla"), cuda, graphs=True) == BatchLayout(cuda, True, "fla", False)
+    sampler, collate = training_batches(auto, [100, 300, 512], batch_layout(auto, cuda, graphs=True))
+    assert isinstance(sampler, PackedBatchSampler) and collate.keywords == {"width": 512, "rows": 8}
+    with pytest.raises(TrainingError, match="pack: on needs a WKV kernel that restarts"):
+        batch_layout(TrainParams(pack="on", wkv_kernel="fla"), cuda, graphs=True)
+    with pytest.raises(TrainingError, match="wkv_kernel: triton needs CUDA"):
+        batch_layout(TrainParams(wkv_kernel="triton"), cpu, graphs=False)
+
+
+def test_packed_rows_train_on_cpu_and_count_only_real_tokens(world_model: Path, dialogues: Path,
+                                                             tmp_path: Path) -> None:
+    """pack: on — micro-batches are rows of ctx_len holding whole dialogues (restarting at each one)."""
+    params = TrainParams(**{**FAST, "micro_bsz": 2}, pack="on", epochs=1)
+    metrics = train_state(world_model, dialogues, tmp_path, params)
+    rows = csv_rows(tmp_path / "metrics.csv")
+    assert metrics["real_tokens"] == metrics["data"]["tokens"]  # every sample once, no padding counted as real
+    assert sum(int(r["padded"]) for r in rows) < sum(int(r["tokens"]) for r in rows)
+    assert math.isfinite(metrics["final_loss"]) and (tmp_path / "state.pth").is_file()

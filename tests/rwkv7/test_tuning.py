@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
-from rwkv7.data import BucketBatchSampler, Sample, pack_collate, pad_collate
+from rwkv7.data import Batch, BucketBatchSampler, Sample, pack_collate, pack_rows_collate, pad_collate
 from rwkv7.graphs import CaptureError, GraphedLoss, OwnGradient
 from rwkv7.model import RWKV7, build_model
 from rwkv7.state import RWKVState
@@ -76,32 +76,45 @@ def test_a_samples_loss_is_the_same_alone_padded_in_a_batch_and_packed() -> None
 
 
 @pytest.mark.parametrize("grad_cp", [False, True])
-def test_dense_loss_of_a_shape_padded_batch_equals_the_masked_loss_and_its_state_gradient(grad_cp: bool) -> None:
-    """`dense_loss` (what a CUDA graph captures: every position through the head, mask as weights, widths and
-    rows padded to fixed shapes) is the masked `batch_loss` in value and in d(initial state)."""
+def test_dense_and_row_packed_losses_equal_the_masked_loss_and_its_state_gradient(grad_cp: bool) -> None:
+    """`dense_loss` (what a CUDA graph captures: every position through the head, mask as weights) of a batch
+    padded to a fixed shape, and of the same samples packed into rows that restart at each sample (`starts`),
+    equal the masked `batch_loss` of the plainly padded batch in value and in d(initial state); so does the eager
+    `batch_loss` of the packed rows."""
     samples = [token_samples(1, n, seed=n)[0] for n in (5, 17, 9)]
+
+    def padded_dense(module: StateTuner) -> tuple[torch.Tensor, int]:
+        batch = pad_collate(samples, multiple=8, rows=5)
+        assert batch.tokens.shape == (5, 24) and batch.n_targets == int(batch.loss_mask.sum())
+        x = module.model.embed(batch.tokens)
+        return module.dense_loss(module.state_wkv, x, batch.targets, batch.loss_mask.float()), batch.n_targets
+
+    def rows_dense(module: StateTuner) -> tuple[torch.Tensor, int]:
+        batch = pack_rows_collate(samples, width=20, rows=2)  # [17] and [5, 9] (+ 6 padding slots)
+        assert batch.starts is not None and batch.starts.sum() == 3 and batch.n_sequences == 3
+        x = module.model.embed(batch.tokens)
+        return (module.dense_loss(module.state_wkv, x, batch.targets, batch.loss_mask.float(), batch.starts),
+                batch.n_targets)
+
+    variants = (lambda m: m.batch_loss(pad_collate(samples)), padded_dense, rows_dense,
+                lambda m: m.batch_loss(pack_rows_collate(samples, width=20, rows=2)))
     results = []
-    for dense in (False, True):
+    for variant in variants:
         module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp,
                                                         loss_chunk=7))
         with torch.no_grad():
             module.state_wkv.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
         module.on_fit_start()
-        if dense:
-            batch = pad_collate(samples, multiple=8, rows=5)
-            assert batch.tokens.shape == (5, 24) and batch.n_targets == int(batch.loss_mask.sum())
-            loss = module.dense_loss(module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(),
-                                     module.state_wkv)
-            n = batch.n_targets
-        else:
-            loss, n = module.batch_loss(pad_collate(samples))
+        loss, n = variant(module)
         loss.backward()
         module.on_fit_end()
         results.append((loss.item(), n, module.state_wkv.grad.clone()))
-    (masked, n_masked, g_masked), (dense_loss, n_dense, g_dense) = results
-    assert n_dense == n_masked == sum(sum(s.mask[1:]) for s in samples)
-    assert dense_loss == pytest.approx(masked, rel=1e-5)
-    assert torch.allclose(g_dense, g_masked, rtol=1e-4, atol=1e-7) and g_masked.abs().sum() > 0
+    masked, n_masked, g_masked = results[0]
+    assert n_masked == sum(sum(s.mask[1:]) for s in samples) and g_masked.abs().sum() > 0
+    for loss, n, grad in results[1:]:
+        assert n == n_masked
+        assert loss == pytest.approx(masked, rel=1e-5)
+        assert torch.allclose(grad, g_masked, rtol=1e-4, atol=1e-7)
 
 
 def test_cuda_graphs_refuse_a_cpu_model() -> None:
@@ -227,7 +240,7 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
         batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
         with torch.no_grad():
             module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=g).cuda() * 0.3)
-        args = (module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(), module.state_wkv)
+        args = (module.state_wkv, module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
         eager = module.dense_loss(*args)  # its autograd graph stays alive during the capture: no harm
         (eager_grad,) = torch.autograd.grad(eager, module.state_wkv, retain_graph=True)
         module.state_wkv.grad = None
@@ -242,12 +255,50 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
     module.state_wkv.grad = None
     for batch in (batches[0], batches[2]):
         batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
-        args = (module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(), module.state_wkv)
+        args = (module.state_wkv, module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
         expected += torch.autograd.grad(module.dense_loss(*args), module.state_wkv)[0]
         module.graphed_loss(batch)[0].backward()
     assert torch.allclose(module.state_wkv.grad, expected, rtol=2e-3, atol=1e-5)
     module.on_fit_end()
     assert module._graphed is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, Triton)")
+def test_cuda_graph_replays_of_packed_rows_through_our_triton_kernel_match_eager_steps() -> None:
+    """Packed rows (one shape, restarts at each sample) captured once with the Triton WKV kernel: each replay
+    gives the eager loss and state gradient, and the eager loss equals the per-sample masked loss on fla."""
+    pytest.importorskip("triton")
+    sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=0)
+    module = StateTuner(build_model(sd, inspect_checkpoint(sd), device="cuda"),
+                        OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=True, loss_chunk=256,
+                                      cuda_graphs=True, wkv_backend="triton"))
+    module.on_fit_start()
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        samples = [token_samples(1, n, seed=10 * step + i)[0] for i, n in enumerate((90, 30, 120, 60, 17))]
+        batch = pack_rows_collate(samples, width=128, rows=3)
+        batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
+        with torch.no_grad():
+            module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=g).cuda() * 0.3)
+        args = (module.state_wkv, module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(),
+                batch.starts)
+        eager = module.dense_loss(*args)
+        (eager_grad,) = torch.autograd.grad(eager, module.state_wkv)
+        per_sample = module.batch_loss(_on_cuda(pad_collate(samples)))[0]  # not packed, same backend
+        assert eager.item() == pytest.approx(per_sample.item(), rel=2e-2)
+        module.state_wkv.grad = None
+        graphed, n = module.graphed_loss(batch)
+        graphed.backward()
+        assert n == batch.n_targets
+        assert graphed.item() == pytest.approx(eager.item(), rel=1e-4)
+        assert torch.allclose(module.state_wkv.grad, eager_grad, rtol=2e-3, atol=1e-5)
+    assert [s[0] for s in module._graphed.shapes] == [(3, 128, 128)]
+    module.on_fit_end()
+
+
+def _on_cuda(batch: Batch) -> Batch:
+    return type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
 
 
 def test_a_failed_capture_names_the_shape_and_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +311,7 @@ def test_a_failed_capture_names_the_shape_and_the_way_out(monkeypatch: pytest.Mo
     monkeypatch.setattr(graphed, "_capture", out_of_memory)
     with pytest.raises(CaptureError, match=r"shape \(2, 64\) failed \(RuntimeError: CUDA out of memory\).*"
                                            r"cuda_graphs: off"):
-        graphed(torch.zeros(2, 64, 8), torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 64), torch.zeros(1))
+        graphed(torch.zeros(1), torch.zeros(2, 64, 8), torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 64))
     assert graphed.shapes == []
 
 
