@@ -15,6 +15,7 @@
 #              eager, (c) compiled, (b) bf16, then 0.1B, 0.4B, 2.9B (a) compiled
 #       triton one GPU: the GPU tests, our Triton WKV kernels against the reference and timed; 1.5B (a), (c) with
 #              them and with fla
+#       pack   one GPU: 1.5B (a), (c) with fla on padded batches and with our Triton kernel on packed rows
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
@@ -203,6 +204,12 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --compile off --wkv triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv fla
     ;;
+  pack)  # one GPU, same call: (a) and (c) with fla (padded batches) and with our kernel on packed rows (atomic
+         # sums), all with graphs + compile
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --compile on --wkv fla
+    STATETUNE_WKV_TRITON=block_v=16,num_warps=1,atomic=1 \
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads c,a --graphs on --compile on --wkv triton --pack on
+    ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --emb-host off
@@ -215,7 +222,7 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | sizes | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | pack | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

@@ -28,8 +28,8 @@ five (`loss_last5`). Prints one table last and appends rows to `--json`.
 Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
 `--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
 or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`; `--emb-host off` keeps the embedding
-table on the GPU; `--wkv fla,triton` picks the WKV kernel (TrainParams.wkv_kernel; default auto = triton);
-`--pack on,off` (TrainParams.pack: samples packed into fixed rows that restart at each sample; default: auto).
+table on the GPU; `--wkv fla,triton` picks the WKV kernel (TrainParams.wkv_kernel; default auto);
+`--pack on,off` (TrainParams.pack: samples packed into fixed rows that restart at each sample; default off).
 `--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
 On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.
 """
@@ -118,7 +118,7 @@ class Spec:
     graphs: bool = False  # TrainParams.cuda_graphs on (padded fixed-shape batches, replayed graphs) or off (packed)
     emb_host: bool = True  # TrainParams.embedding_on_host
     wkv: str = ""  # TrainParams.wkv_kernel (fla, triton); "" = auto
-    pack: str = "auto"  # TrainParams.pack (on, off, auto)
+    pack: bool = False  # TrainParams.pack
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -337,7 +337,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 def row_name(spec: Spec) -> str:
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}-c{int(spec.compile)}-"
-            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvauto'}-p{spec.pack}-k{spec.fla_chunk}-"
+            f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvauto'}-p{int(spec.pack)}-k{spec.fla_chunk}-"
             f"d{spec.devices}-"
             f"nv{spec.nvml_period:g}")
 
@@ -440,7 +440,7 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
                  nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
-                 wkv=wkv, pack=pack)
+                 wkv=wkv, pack=pack == "on")
             for m, w, p, g, c, cg, f, wkv, pack in itertools.product(
                 split(args.models), split(args.workloads), split(args.precisions), grad_cps, compiles, graphs,
                 split(args.fla_chunk), split(args.wkv) or [""], split(args.pack))]
@@ -511,9 +511,9 @@ def main() -> int:
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
-    parser.add_argument("--wkv", default="", help="comma list of WKV kernels (fla, triton); default: auto (triton "
-                                                   "on CUDA, the reference on CPU)")
-    parser.add_argument("--pack", default="auto", help="comma list of on, off, auto (TrainParams.pack)")
+    parser.add_argument("--wkv", default="", help="comma list of WKV kernels (fla, triton); default: auto (fla, or "
+                                                   "triton with --pack on; the reference on CPU)")
+    parser.add_argument("--pack", default="off", help="comma list of on, off (TrainParams.pack)")
     parser.add_argument("--emb-host", default="on", choices=("on", "off"),
                         help="TrainParams.embedding_on_host (off: the embedding table on the GPU)")
     parser.add_argument("--fla-chunk", default="64", help="comma list of 64 (with the decay bound), 16 (fla default)")

@@ -89,14 +89,13 @@ class TrainParams(BaseModel):
                             "packed into fixed rows, or padded to widths in steps of 32 tokens); auto: on for "
                             "CUDA in bf16 without distill_prompt, off elsewhere; on: also int8/nf4 (an error on CPU)")
     wkv_kernel: Literal["auto", "fla", "triton"] = Field(
-        "auto", description="CUDA WKV-7 kernel for training: triton (ours; restarts sequences mid-row, so samples "
-                            "can be packed) or fla (flash-linear-attention's chunk kernel); auto: triton. CPU "
-                            "always runs the reference")
-    pack: Literal["auto", "on", "off"] = Field(
-        "auto", description="pack whole samples into micro_bsz rows of ctx_len tokens per micro-batch (the model "
-                            "restarts from the tuned state at each sample; almost no padding, one batch shape); "
-                            "off: micro_bsz samples per micro-batch; auto: on with CUDA graphs and the triton "
-                            "kernel")
+        "auto", description="CUDA WKV-7 kernel for training: fla (flash-linear-attention's chunk kernel, the "
+                            "fastest measured) or triton (ours; restarts sequences mid-row, which pack needs); "
+                            "auto: triton with pack, else fla. CPU always runs the reference")
+    pack: bool = Field(False, description="pack whole samples into micro_bsz rows of ctx_len tokens per "
+                                          "micro-batch (the model restarts from the tuned state at each sample: "
+                                          "almost no padding, one batch shape); off: micro_bsz samples per "
+                                          "micro-batch")
     loss_on: Literal["assistant", "all"] = "assistant"
     overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 42
@@ -319,18 +318,19 @@ class BatchLayout:
 
 
 def batch_layout(p: TrainParams, device: torch.device, graphs: bool) -> BatchLayout:
-    """Resolve `wkv_kernel` and `pack` (see TrainParams); combinations that cannot run are a TrainingError."""
+    """Resolve `wkv_kernel` with `pack` (see TrainParams); combinations that cannot run are a TrainingError."""
     if device.type != "cuda":
         if p.wkv_kernel != "auto":
             raise TrainingError(f"wkv_kernel: {p.wkv_kernel} needs CUDA; on CPU the reference runs (use auto)")
         wkv = "reference"
+    elif p.wkv_kernel == "auto":
+        wkv = "triton" if p.pack else "fla"
     else:
-        wkv = "fla" if p.wkv_kernel == "fla" else "triton"
-    if p.pack == "on" and wkv == "fla":
-        raise TrainingError("pack: on needs a WKV kernel that restarts sequences mid-row: wkv_kernel triton (or "
-                            "auto), or pack: off for fla")
-    pack = p.pack == "on" or (p.pack == "auto" and graphs and wkv == "triton")
-    return BatchLayout(device, graphs, wkv, pack)
+        wkv = p.wkv_kernel
+    if p.pack and wkv == "fla":
+        raise TrainingError("pack: true needs a WKV kernel that restarts sequences mid-row: wkv_kernel triton (or "
+                            "auto); fla runs without pack")
+    return BatchLayout(device, graphs, wkv, p.pack)
 
 
 def training_batches(p: TrainParams, lengths: Sequence[int], layout: BatchLayout

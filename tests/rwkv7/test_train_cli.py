@@ -201,24 +201,24 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
 
 def test_wkv_kernel_and_packing_resolve_per_device_and_refuse_what_cannot_run() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = TrainParams(ctx_len=512, micro_bsz=8)
-    assert batch_layout(auto, cpu, graphs=False) == BatchLayout(cpu, False, "reference", False)
-    assert batch_layout(auto, cuda, graphs=True) == BatchLayout(cuda, True, "triton", True)  # packed rows
-    assert batch_layout(auto, cuda, graphs=False).pack is False  # auto packs only under graphs
-    assert batch_layout(TrainParams(pack="on"), cpu, graphs=False).pack  # the reference restarts too
-    assert batch_layout(TrainParams(wkv_kernel="fla"), cuda, graphs=True) == BatchLayout(cuda, True, "fla", False)
-    sampler, collate = training_batches(auto, [100, 300, 512], batch_layout(auto, cuda, graphs=True))
+    plain, packed = TrainParams(ctx_len=512, micro_bsz=8), TrainParams(ctx_len=512, micro_bsz=8, pack=True)
+    assert batch_layout(plain, cpu, graphs=False) == BatchLayout(cpu, False, "reference", False)
+    assert batch_layout(plain, cuda, graphs=True) == BatchLayout(cuda, True, "fla", False)  # the faster kernel
+    assert batch_layout(packed, cuda, graphs=True) == BatchLayout(cuda, True, "triton", True)  # restarts mid-row
+    assert batch_layout(packed, cpu, graphs=False) == BatchLayout(cpu, False, "reference", True)
+    assert batch_layout(TrainParams(wkv_kernel="triton"), cuda, graphs=True).wkv == "triton"
+    sampler, collate = training_batches(packed, [100, 300, 512], batch_layout(packed, cuda, graphs=True))
     assert isinstance(sampler, PackedBatchSampler) and collate.keywords == {"width": 512, "rows": 8}
-    with pytest.raises(TrainingError, match="pack: on needs a WKV kernel that restarts"):
-        batch_layout(TrainParams(pack="on", wkv_kernel="fla"), cuda, graphs=True)
+    with pytest.raises(TrainingError, match="pack: true needs a WKV kernel that restarts"):
+        batch_layout(TrainParams(pack=True, wkv_kernel="fla"), cuda, graphs=True)
     with pytest.raises(TrainingError, match="wkv_kernel: triton needs CUDA"):
         batch_layout(TrainParams(wkv_kernel="triton"), cpu, graphs=False)
 
 
 def test_packed_rows_train_on_cpu_and_count_only_real_tokens(world_model: Path, dialogues: Path,
                                                              tmp_path: Path) -> None:
-    """pack: on — micro-batches are rows of ctx_len holding whole dialogues (restarting at each one)."""
-    params = TrainParams(**{**FAST, "micro_bsz": 2}, pack="on", epochs=1)
+    """pack: true — micro-batches are rows of ctx_len holding whole dialogues (restarting at each one)."""
+    params = TrainParams(**{**FAST, "micro_bsz": 2}, pack=True, epochs=1)
     metrics = train_state(world_model, dialogues, tmp_path, params)
     rows = csv_rows(tmp_path / "metrics.csv")
     assert metrics["real_tokens"] == metrics["data"]["tokens"]  # every sample once, no padding counted as real
