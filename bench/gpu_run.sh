@@ -16,6 +16,7 @@
 #       triton one GPU: the GPU tests, our Triton WKV kernels against the reference and timed; 1.5B (a), (c) with
 #              them and with fla
 #       pack   one GPU: 1.5B (a), (c) with fla on padded batches and with our Triton kernel on packed rows
+#       verify one GPU: the Triton GPU tests and check (default launch setting), 1.5B (c) packed, compile on/off
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
@@ -210,6 +211,13 @@ case "$PLAN" in
     STATETUNE_WKV_TRITON=block_v=16,num_warps=1,atomic=1 \
       run_on 0 $(($(left) - 20)) --models 1.5b --workloads c,a --graphs on --compile on --wkv triton --pack on
     ;;
+  verify)  # one GPU, short: the Triton GPU tests, the kernel check with its default launch setting, (c) packed
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_wkv_triton.py tests/rwkv7/test_tuning.py > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
+    ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --emb-host off
@@ -222,7 +230,7 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | pack | sizes | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | pack | verify | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

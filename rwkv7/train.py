@@ -67,7 +67,7 @@ class TrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ctx_len: int = Field(512, ge=1, description="max input tokens per sample")
-    micro_bsz: int = Field(8, ge=1, description="samples per micro-batch")
+    micro_bsz: int = Field(8, ge=1, description="samples per micro-batch (rows of ctx_len with pack)")
     epochs: int = Field(1, ge=1, description="passes over the data")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     lr_init: float = Field(1.0, gt=0)
@@ -186,7 +186,7 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
         raise TrainingError(f"cannot resume: {last_ckpt} does not exist (start without --resume)")
     L.seed_everything(params.seed, verbose=False)
     device = _device(params.device)
-    graphs = use_cuda_graphs(params, device)
+    layout = batch_layout(params, device, use_cuda_graphs(params, device))  # bad combinations fail before loading
     configure_cuda_allocator()
     model = _load(model_path, device, params.precision)
     top_id = max(max(s.ids) for s in samples)
@@ -194,7 +194,6 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
         raise TrainingError(f"{data_path}: token id {top_id} is outside the vocabulary of {model_path} "
                             f"({model.config.vocab_size} tokens)")
     data_sha = file_sha256(data_path)
-    layout = batch_layout(params, device, graphs)
     sampler, collate = training_batches(params, [s.n_inputs for s in samples], layout)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate)
     steps_per_epoch = math.ceil(len(sampler) / params.accumulate_grad_batches)

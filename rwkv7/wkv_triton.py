@@ -38,9 +38,11 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this: one compiled k
 # Launch settings: value rows per program, warps per program, and whether the key-side gradients are summed
 # over value blocks with atomic adds (1) or written per block and added up afterwards (0: deterministic).
 # STATETUNE_WKV_TRITON="block_v=16,num_warps=1,atomic=0" overrides them (bench/gpu_check_wkv.py
-# --triton-configs sweeps them). H200, bf16 B8 T512 H32, forward + backward per layer (2026-11-29, call I):
-# block_v=16 num_warps=1 2.16 ms; block_v=64 num_warps=4 2.76 ms; block_v=16 num_warps=2 4.20 ms; fla 3.23 ms.
-SETTINGS = {"block_v": 16, "num_warps": 1, "atomic": 0}
+# --triton-configs sweeps them). H200, bf16 B8 T512 H32, forward + backward per layer, launched one by one
+# (2026-11-29, calls I and J): block_v=16 num_warps=1 2.03-2.16 ms, with atomic=1 1.83 ms; block_v=64 num_warps=4
+# 2.76 ms; block_v=16 num_warps=2 4.20 ms; fla 2.69-3.23 ms (but ~1.5 ms inside a CUDA graph, where its many
+# launches cost nothing). Atomic sums make the float32 gradients' last bits depend on the order of the adds.
+SETTINGS = {"block_v": 16, "num_warps": 1, "atomic": 1}
 SETTINGS_ENV = "STATETUNE_WKV_TRITON"
 
 
@@ -76,8 +78,8 @@ def _is_start(starts_ptr, row_base, t, RESETS: tl.constexpr):
     return t == 0
 
 
-# Both kernels load step t ± 1 while computing step t (software prefetch: the loads do not depend on the state,
-# so their latency hides behind the reductions of the current step).
+# Both kernels load step t ± 1 (inputs and restart flag) while computing step t (software prefetch: the loads do
+# not depend on the state, so their latency hides behind the reductions of the current step).
 @triton.jit
 def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, sa_ptr, ckpt_ptr, final_ptr,
          T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, CHUNK_: tl.constexpr,
@@ -93,11 +95,14 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
     r = tl.load(r_ptr + off + vec).to(tl.float32)
     w, k, v, a, b = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec, vrow)
     S = tl.zeros((BV, N), dtype=tl.float32)
+    start = _is_start(starts_ptr, b_idx * T, 0, RESETS)
     for t in range(T):
-        nxt = base + (t + 1 - (t + 1) // T) * H * N  # step t + 1, or t itself at the end
+        t_n = t + 1 - (t + 1) // T  # step t + 1, or t itself at the end
+        nxt = base + t_n * H * N
         r_n = tl.load(r_ptr + nxt + vec).to(tl.float32)
         w_n, k_n, v_n, a_n, b_n = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec, vrow)
-        if _is_start(starts_ptr, b_idx * T, t, RESETS):
+        start_n = _is_start(starts_ptr, b_idx * T, t_n, RESETS)
+        if start:
             S = tl.load(s0_ptr + pid * N * N + tile)
         sa = tl.sum(S * a[None, :], axis=1)
         S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
@@ -106,7 +111,7 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
         tl.store(sa_ptr + off + vrow, sa)
         if (t + 1) % CHUNK_ == 0:
             tl.store(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + tile, S)
-        r, w, k, v, a, b = r_n, w_n, k_n, v_n, a_n, b_n
+        r, w, k, v, a, b, start = r_n, w_n, k_n, v_n, a_n, b_n, start_n
         off = nxt
     tl.store(final_ptr + pid * N * N + tile, S)
 
@@ -135,16 +140,18 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, sa_ptr, c
     w, k, v, a, b = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, off, vec, vrow)
     sa = tl.load(sa_ptr + off + vrow)
     dout = tl.load(dout_ptr + off + vrow).to(tl.float32)
+    start = _is_start(starts_ptr, b_idx * T, T - 1, RESETS)
     for i in range(T):
         t = T - 1 - i
-        nxt = base + (t - 1 + (T - t) // T) * H * N  # step t - 1, or t itself at the start
+        t_n = t - 1 + (T - t) // T  # step t - 1, or t itself at the start
+        nxt = base + t_n * H * N
         r_n = tl.load(r_ptr + nxt + vec).to(tl.float32)
         w_n, k_n, v_n, a_n, b_n = _load_step(w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, nxt, vec, vrow)
         sa_n = tl.load(sa_ptr + nxt + vrow)
         dout_n = tl.load(dout_ptr + nxt + vrow).to(tl.float32)
+        start_n = _is_start(starts_ptr, b_idx * T, t_n, RESETS)
         if (t + 1) % CHUNK_ == 0:  # re-anchor on the exact state the forward pass kept
             S = tl.load(ckpt_ptr + (pid * (T // CHUNK_) + (t + 1) // CHUNK_ - 1) * N * N + tile)
-        start = _is_start(starts_ptr, b_idx * T, t, RESETS)
         # out_t = S_t r_t
         dS += dout[:, None] * r[None, :]
         dr = tl.sum(S * dout[:, None], axis=0)
@@ -192,7 +199,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, sa_ptr, c
             tl.store(da_ptr + part + off + vec, da)
             tl.store(db_ptr + part + off + vec, db)
         tl.store(dv_ptr + off + vrow, dv.to(dv_ptr.dtype.element_ty))
-        r, w, k, v, a, b, sa, dout = r_n, w_n, k_n, v_n, a_n, b_n, sa_n, dout_n
+        r, w, k, v, a, b, sa, dout, start = r_n, w_n, k_n, v_n, a_n, b_n, sa_n, dout_n, start_n
         off = nxt
     tl.store(ds0_ptr + pid * N * N + tile, dS0)
 

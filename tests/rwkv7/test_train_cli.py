@@ -166,6 +166,12 @@ def test_cli_train_runs_and_reports_bad_options(world_model: Path, dialogues: Pa
     bad = runner.invoke(app, [*base, "--loss-on", "everything"])
     assert bad.exit_code == 2 and "--loss-on" in bad.output
     assert "--resume" in runner.invoke(app, ["train", "--help"]).output
+    packed = runner.invoke(app, [*base[:-1], str(tmp_path / "packed"), "--max-steps", "1", "--ctx-len", "40",
+                                 "--pack", "--warmup-steps", "0"])
+    assert packed.exit_code == 0, packed.output
+    assert json.loads((tmp_path / "packed" / "state.json").read_text())["metadata"]["training"]["pack"] is True
+    on_cpu = runner.invoke(app, [*base, "--wkv-kernel", "fla"])
+    assert on_cpu.exit_code != 0 and "wkv_kernel: fla needs CUDA" in on_cpu.output
 
 
 def test_gradient_accumulation_counts_optimizer_steps_over_whole_epochs(world_model: Path, dialogues: Path,
