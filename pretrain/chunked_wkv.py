@@ -63,9 +63,10 @@ def _chunked(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: T
 
 
 def _model_wkv(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor, *,
-               cu_seqlens: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
-    if cu_seqlens is not None:
-        raise ValueError("wkv7_chunked does not pack sequences (cu_seqlens); pad a batch instead")
+               cu_seqlens: Tensor | None = None, starts: Tensor | None = None, backend: str | None = None
+               ) -> tuple[Tensor, Tensor]:
+    if cu_seqlens is not None or starts is not None:
+        raise ValueError("wkv7_chunked does not pack sequences (cu_seqlens, starts); pad a batch instead")
     return wkv7_chunked(r, log_decay, k, v, a, b, initial_state)
 
 
