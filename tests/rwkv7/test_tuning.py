@@ -237,24 +237,16 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
                for n in (100, 60, 120, 40)]  # widths 128, 64, 128, 64: two shapes, each replayed twice
     g = torch.Generator().manual_seed(0)
     for batch in batches:
-        batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
+        batch = _on_cuda(batch)
         with torch.no_grad():
             module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=g).cuda() * 0.3)
-        args = (module.state_wkv, module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
-        eager = module.dense_loss(*args)  # its autograd graph stays alive during the capture: no harm
-        (eager_grad,) = torch.autograd.grad(eager, module.state_wkv, retain_graph=True)
-        module.state_wkv.grad = None
-        graphed, n = module.graphed_loss(batch)
-        graphed.backward()
-        assert n == batch.n_targets
-        assert graphed.item() == pytest.approx(eager.item(), rel=1e-4)
-        assert torch.allclose(module.state_wkv.grad, eager_grad, rtol=2e-3, atol=1e-5)
+        _replay_matches_eager(module, batch)
     assert sorted(s[0] for s in module._graphed.shapes) == [(4, 64, 128), (4, 128, 128)]
     # Gradient accumulation: two batches of one shape (the same captured graph) sum their state gradients.
     expected = torch.zeros_like(module.state_wkv)
     module.state_wkv.grad = None
     for batch in (batches[0], batches[2]):
-        batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
+        batch = _on_cuda(batch)
         args = (module.state_wkv, module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
         expected += torch.autograd.grad(module.dense_loss(*args), module.state_wkv)[0]
         module.graphed_loss(batch)[0].backward()
@@ -267,7 +259,8 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, Triton)")
 def test_cuda_graph_replays_of_packed_rows_through_our_triton_kernel_match_eager_steps() -> None:
     """Packed rows (one shape, restarts at each sample) captured once with the Triton WKV kernel: each replay
-    gives the eager loss and state gradient, and the eager loss equals the per-sample masked loss on fla."""
+    gives the eager loss and state gradient, and the eager loss equals the masked loss of the same samples
+    padded one per row."""
     pytest.importorskip("triton")
     sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=0)
     module = StateTuner(build_model(sd, inspect_checkpoint(sd), device="cuda"),
@@ -277,28 +270,33 @@ def test_cuda_graph_replays_of_packed_rows_through_our_triton_kernel_match_eager
     g = torch.Generator().manual_seed(0)
     for step in range(3):
         samples = [token_samples(1, n, seed=10 * step + i)[0] for i, n in enumerate((90, 30, 120, 60, 17))]
-        batch = pack_rows_collate(samples, width=128, rows=3)
-        batch = type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
+        batch = _on_cuda(pack_rows_collate(samples, width=128, rows=3))
         with torch.no_grad():
             module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=g).cuda() * 0.3)
-        args = (module.state_wkv, module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float(),
-                batch.starts)
-        eager = module.dense_loss(*args)
-        (eager_grad,) = torch.autograd.grad(eager, module.state_wkv)
+        eager = _replay_matches_eager(module, batch)
         per_sample = module.batch_loss(_on_cuda(pad_collate(samples)))[0]  # not packed, same backend
         assert eager.item() == pytest.approx(per_sample.item(), rel=2e-2)
-        module.state_wkv.grad = None
-        graphed, n = module.graphed_loss(batch)
-        graphed.backward()
-        assert n == batch.n_targets
-        assert graphed.item() == pytest.approx(eager.item(), rel=1e-4)
-        assert torch.allclose(module.state_wkv.grad, eager_grad, rtol=2e-3, atol=1e-5)
     assert [s[0] for s in module._graphed.shapes] == [(3, 128, 128)]
     module.on_fit_end()
 
 
 def _on_cuda(batch: Batch) -> Batch:
     return type(batch)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in vars(batch).values()))
+
+
+def _replay_matches_eager(module: StateTuner, batch: Batch) -> torch.Tensor:
+    """The graphed loss of `batch` (captured on first sight) equals the eager `dense_loss` in value and state
+    gradient; the eager loss's autograd graph stays alive during a capture (no harm). Returns the eager loss."""
+    inputs = (module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
+    eager = module.dense_loss(module.state_wkv, *inputs, *(() if batch.starts is None else (batch.starts,)))
+    (eager_grad,) = torch.autograd.grad(eager, module.state_wkv, retain_graph=True)
+    module.state_wkv.grad = None
+    graphed, n = module.graphed_loss(batch)
+    graphed.backward()
+    assert n == batch.n_targets
+    assert graphed.item() == pytest.approx(eager.item(), rel=1e-4)
+    assert torch.allclose(module.state_wkv.grad, eager_grad, rtol=2e-3, atol=1e-5)
+    return eager.detach()
 
 
 def test_a_failed_capture_names_the_shape_and_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
