@@ -163,6 +163,8 @@ class ResumeGuard(Callback):
         return dict(self.run)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A checkpoint written before a setting existed ran with that setting's default.
+        state_dict = {**TrainParams().model_dump(), **state_dict}
         diff = sorted(k for k in set(state_dict) | set(self.run)
                       if k not in RESUME_FREE_KEYS and state_dict.get(k) != self.run.get(k))
         if diff:

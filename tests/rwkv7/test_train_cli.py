@@ -19,8 +19,8 @@ from rwkv7.cli import app
 from rwkv7.data import DatasetError, PackedBatchSampler, pad_collate
 from rwkv7.model import load_model
 from rwkv7.state import load_state
-from rwkv7.train import (CSV_FIELDS, BatchLayout, TrainingError, TrainParams, batch_layout, graph_width_multiple,
-                         train_state, training_batches, use_cuda_graphs)
+from rwkv7.train import (CSV_FIELDS, BatchLayout, ResumeGuard, TrainingError, TrainParams, batch_layout,
+                         graph_width_multiple, train_state, training_batches, use_cuda_graphs)
 
 N_SAMPLES, MICRO_BSZ = 12, 4  # 3 batches per epoch
 FAST = {"ctx_len": 40, "micro_bsz": MICRO_BSZ, "lr_init": 0.5, "lr_final": 0.05, "warmup_steps": 2,
@@ -230,3 +230,11 @@ def test_packed_rows_train_on_cpu_and_count_only_real_tokens(world_model: Path, 
     assert metrics["real_tokens"] == metrics["data"]["tokens"]  # every sample once, no padding counted as real
     assert sum(int(r["padded"]) for r in rows) < sum(int(r["tokens"]) for r in rows)
     assert math.isfinite(metrics["final_loss"]) and (tmp_path / "state.pth").is_file()
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default() -> None:
+    run = {**TrainParams().model_dump(), "data_sha256": "abc"}
+    older = {k: v for k, v in run.items() if k not in ("pack", "wkv_kernel")}
+    ResumeGuard(run).load_state_dict(older)  # no error: the older run had pack false, wkv_kernel auto
+    with pytest.raises(TrainingError, match="pack: False → True"):
+        ResumeGuard({**run, "pack": True}).load_state_dict(older)
