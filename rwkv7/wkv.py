@@ -1,6 +1,6 @@
 """The WKV-7 recurrence, in one place: a plain torch reference, the flash-linear-attention fast path, and our
-own Triton kernels (`rwkv7.wkv_triton`, opt-in until measured on a GPU), which can also restart
-sequences mid-row (`starts`).
+own Triton kernels (`rwkv7.wkv_triton`), which can also restart sequences mid-row (`starts`; what packed
+training rows need).
 
 Boundary: tensors in, tensors out. Per head, with the state S in [value, key] orientation (rows = value dim,
 columns = key dim, the BlinkDL / `rwkv` pip / RWKV-Runner convention):
