@@ -195,8 +195,8 @@ def bench_chunk(triton_configs: list[str]) -> list[str]:
     if FAST != "triton":
         ms, first = time_fwd_bwd(inputs)
         ms_fwd, _ = time_fwd_bwd(inputs, backward=False)
-        return [f"{FAST} fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer (fwd {ms_fwd:.2f}) "
-                f"(first call incl. compile {first:.1f} s)"]
+        return [(f"{FAST} fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer (fwd {ms_fwd:.2f}) "
+                 f"(first call incl. compile {first:.1f} s)")]
     starts = torch.zeros(8, 512, dtype=torch.bool, device=DEVICE)
     starts[:, ::175] = True
     lines = []

@@ -173,8 +173,8 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, sa_ptr, c
         if start:  # dS is now the gradient of the initial state this sequence started from
             dS0 += dS
             dS = tl.zeros((BV, N), dtype=tl.float32)
-            if RESETS:  # the previous sequence's last state: recompute it from the last checkpoint
-                if t > 0:
+            if RESETS:  # noqa: SIM102 - a compile-time branch around a run-time one
+                if t > 0:  # the previous sequence's last state: recompute it from the last checkpoint
                     c0 = t - t % CHUNK_
                     S = tl.load(s0_ptr + pid * N * N + tile)
                     if c0 > 0:
