@@ -205,9 +205,9 @@ def bench_chunk(triton_configs: list[str]) -> list[str]:
         ms, first = time_fwd_bwd(inputs)
         ms_fwd, _ = time_fwd_bwd(inputs, backward=False)
         ms_r, _ = time_fwd_bwd(inputs, starts)
-        lines.append(f"triton [{config}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer "
-                     f"(fwd {ms_fwd:.2f}), {ms_r:.2f} ms with restarts every 175 tokens (first call incl. compile "
-                     f"{first:.1f} s)")
+        lines.append(f"triton [{config or 'defaults'}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per "
+                     f"layer (fwd {ms_fwd:.2f}), {ms_r:.2f} ms with restarts every 175 tokens (first call incl. "
+                     f"compile {first:.1f} s)")
         print(lines[-1], flush=True)
     os.environ.pop("STATETUNE_WKV_TRITON")
     return lines
@@ -238,9 +238,10 @@ def main() -> int:
     parser.add_argument("--backend", default="fla", choices=("fla", "triton"), help="the fast path to check")
     parser.add_argument("--bench", action="store_true", help="also time the fast kernel (first)")
     parser.add_argument("--log", type=Path, help="write the full table here as well")
-    parser.add_argument("--triton-configs", default="block_v=16,num_warps=2",
+    parser.add_argument("--triton-configs", default="",
                         help="with --bench --backend triton: launch settings to time, ';'-separated "
-                             "(STATETUNE_WKV_TRITON values, e.g. 'block_v=64,num_warps=4;block_v=16,num_warps=2')")
+                             "(STATETUNE_WKV_TRITON values, e.g. 'block_v=64,num_warps=4;block_v=16,num_warps=2'); "
+                             "default: the kernel's own defaults")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, in order: bf16, fp32")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="reference vs reference on CPU: checks this script, not the kernel")

@@ -9,8 +9,8 @@ Each row (model × workload × precision × variant) runs in a fresh process, so
 step are those a user sees. A row builds the model on the GPU from `random_checkpoint` (no files), moves the
 weights to host memory and loads them the way `train_state` does (bf16 straight onto the GPU; int8/nf4
 quantized onto it one weight at a time), then trains through the same pieces as `train_state`: `StateTuner`,
-`BucketBatchSampler` + `training_collate` (CUDA graphs: padded to fixed shapes; else varlen) and the trainer built by
-`rwkv7.train._trainer` (bf16-mixed, grad clip 1, AdamW, cosine lr).
+the sampler and collate of `rwkv7.train.training_batches` (CUDA graphs: padded to fixed shapes or packed rows; else
+varlen) and the trainer built by `rwkv7.train._trainer` (grad clip 1, AdamW, cosine lr).
 
 Workloads (synthetic token streams; the model is random, so only speed, memory and the precisions' relative
 losses mean anything):

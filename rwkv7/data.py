@@ -366,15 +366,25 @@ def pad_collate(samples: Sequence[Sample], multiple: int = 1, rows: int = 0) -> 
     """
     longest = max(s.n_inputs for s in samples)
     width = -(-longest // multiple) * multiple
-    tokens = torch.full((max(len(samples), rows), width), PAD_ID, dtype=torch.long)
-    targets = torch.full_like(tokens, PAD_ID)
-    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    tokens, targets, mask = _empty_rows(max(len(samples), rows), width)
     for row, s in enumerate(samples):
-        n = s.n_inputs
-        tokens[row, :n] = torch.tensor(s.ids[:-1])
-        targets[row, :n] = torch.tensor(s.ids[1:])
-        mask[row, :n] = torch.tensor(s.mask[1:])
+        _put(s, tokens, targets, mask, row, 0)
     return Batch(tokens, targets, mask, None, sum(s.n_inputs for s in samples), int(mask.sum()))
+
+
+def _empty_rows(rows: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Padding-filled `tokens, targets [rows, width]` and an all-False loss mask."""
+    tokens = torch.full((rows, width), PAD_ID, dtype=torch.long)
+    return tokens, torch.full_like(tokens, PAD_ID), torch.zeros(tokens.shape, dtype=torch.bool)
+
+
+def _put(s: Sample, tokens: Tensor, targets: Tensor, mask: Tensor, row: int, col: int) -> int:
+    """Write sample `s` (inputs, targets, loss flags) into `row` from column `col`; returns its length."""
+    n = s.n_inputs
+    tokens[row, col:col + n] = torch.tensor(s.ids[:-1])
+    targets[row, col:col + n] = torch.tensor(s.ids[1:])
+    mask[row, col:col + n] = torch.tensor(s.mask[1:])
+    return n
 
 
 def pack_collate(samples: Sequence[Sample]) -> Batch:
@@ -385,27 +395,18 @@ def pack_collate(samples: Sequence[Sample]) -> Batch:
     lengths = torch.tensor([0] + [s.n_inputs for s in samples])
     return Batch(tokens, targets, mask, torch.cumsum(lengths, 0), int(lengths.sum()), int(mask.sum()))
 
-
-
 def pack_rows_collate(samples: Sequence[Sample], width: int, rows: int) -> Batch:
     """Lay the samples out in `rows` rows of `width` by `first_fit_rows` (as `PackedBatchSampler` chose them):
     `[rows, width]` tensors plus `starts`, True at each sample's first input; a row's unused tail is padding."""
     layout = first_fit_rows([s.n_inputs for s in samples], width, rows)
     if layout is None:
         raise ValueError(f"{len(samples)} samples do not fit {rows} rows of {width} tokens")
-    tokens = torch.full((rows, width), PAD_ID, dtype=torch.long)
-    targets = torch.full_like(tokens, PAD_ID)
-    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    tokens, targets, mask = _empty_rows(rows, width)
     starts = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, members in enumerate(layout):
         col = 0
         for i in members:
-            s = samples[i]
-            n = s.n_inputs
-            tokens[row, col:col + n] = torch.tensor(s.ids[:-1])
-            targets[row, col:col + n] = torch.tensor(s.ids[1:])
-            mask[row, col:col + n] = torch.tensor(s.mask[1:])
             starts[row, col] = True
-            col += n
+            col += _put(samples[i], tokens, targets, mask, row, col)
     n_real = sum(s.n_inputs for s in samples)
     return Batch(tokens, targets, mask, None, n_real, int(mask.sum()), starts=starts, n_samples=len(samples))

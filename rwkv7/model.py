@@ -40,9 +40,10 @@ def token_shift(x: Tensor, shift: Tensor, cu_seqlens: Tensor | None, starts: Ten
     too (rows holding several sequences; the last token returned is the row's).
     """
     if cu_seqlens is None:
-        prev = torch.cat((shift.to(x.dtype).unsqueeze(1), x[:, :-1]), dim=1)
+        first = shift.to(x.dtype).unsqueeze(1)
+        prev = torch.cat((first, x[:, :-1]), dim=1)
         if starts is not None:
-            prev = torch.where(starts.unsqueeze(-1), shift.to(x.dtype).unsqueeze(1), prev)
+            prev = torch.where(starts.unsqueeze(-1), first, prev)
         return prev, x[:, -1]
     starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
     prev = torch.cat((x[0, :1], x[0, :-1]), dim=0).index_copy(0, starts, shift.to(x.dtype))

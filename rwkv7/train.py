@@ -348,13 +348,12 @@ def training_batches(p: TrainParams, lengths: Sequence[int], layout: BatchLayout
     return sampler, pack_collate if layout.device.type == "cuda" else pad_collate
 
 
-def _optim(p: TrainParams, total_steps: int, layout: BatchLayout | None = None) -> OptimSettings:
+def _optim(p: TrainParams, total_steps: int, layout: BatchLayout) -> OptimSettings:
     return OptimSettings(lr_init=p.lr_init, lr_final=p.lr_final, total_steps=total_steps,
                          warmup_steps=p.warmup_steps, beta1=p.beta1, beta2=p.beta2, adam_eps=p.adam_eps,
                          weight_decay=p.weight_decay, loss_chunk=p.loss_chunk, grad_cp=p.grad_cp,
                          compile="inductor" if p.compile else None,
-                         cuda_graphs=layout is not None and layout.graphs,
-                         wkv_backend=None if layout is None else layout.wkv)
+                         cuda_graphs=layout.graphs, wkv_backend=layout.wkv)
 
 
 def _trainer(p: TrainParams, device: torch.device, out_dir: Path, total_steps: int, steps_per_epoch: int,

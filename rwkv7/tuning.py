@@ -60,7 +60,7 @@ class OptimSettings:
     loss_chunk: int = 1024
     grad_cp: bool = False
     compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
-    cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (fixed-shape padded batches)
+    cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (padded or row-packed batches)
     wkv_backend: str | None = None  # rwkv7.wkv backend of the blocks during fit; None: rwkv7.wkv's default
 
 
@@ -250,10 +250,10 @@ class StateTuner(L.LightningModule):
         lookups are cheap; only the looked-up rows travel to the GPU.
         `compile`: each block's time-mix and channel-mix go through torch.compile (the WKV kernel stays outside
         the graphs: `rwkv7.wkv.wkv7` is opaque to the compiler), which fuses the elementwise work into fewer
-        kernels (+7 % tokens/s measured on a 1.5B step on an H200, where most host time is spent elsewhere).
+        kernels (with CUDA graphs +37 % tokens/s on a 1.5B step on an H200; BENCHMARKS.md).
         `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing).
-        `cuda_graphs`: training batches (padded, fixed shapes) run through `dense_loss` captured in a CUDA graph
-        per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
+        `cuda_graphs`: training batches (fixed shapes: padded or row-packed) run through `dense_loss` captured in a
+        CUDA graph per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
         `wkv_backend`: the WKV kernel every block uses (e.g. "triton", which packed rows need).
         All are undone in on_fit_end, so the model class stays free of training concerns.
         """

@@ -87,16 +87,15 @@ def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     `log_decay ≥ FLA_LOG_DECAY_BOUND`.
     """
     name = select_backend(r.device, backend)
-    if starts is not None:
-        if cu_seqlens is not None:
-            raise ValueError("wkv7 takes cu_seqlens or starts, not both")
-        if name == "fla":
-            raise WKVBackendError("per-token restarts (starts) need the 'reference' or 'triton' WKV backend, not fla")
-        run_rows = wkv7_reference if name == "reference" else _triton()
-        return run_rows(r, log_decay, k, v, a, b, initial_state, starts)
+    if starts is not None and cu_seqlens is not None:
+        raise ValueError("wkv7 takes cu_seqlens or starts, not both")
     if name == "fla":
+        if starts is not None:
+            raise WKVBackendError("per-token restarts (starts) need the 'reference' or 'triton' WKV backend, not fla")
         return _fla(r, log_decay, k, v, a, b, initial_state, cu_seqlens)
     run = wkv7_reference if name == "reference" else _triton()
+    if starts is not None:
+        return run(r, log_decay, k, v, a, b, initial_state, starts)
     if cu_seqlens is None:
         return run(r, log_decay, k, v, a, b, initial_state)
     bounds = cu_seqlens.tolist()

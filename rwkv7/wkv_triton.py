@@ -217,7 +217,8 @@ class _WKV7(torch.autograd.Function):
             raise ValueError(f"block_v={block_v} must divide the head size {N}")
         inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
         s0 = s0.float().contiguous()
-        flags = torch.empty(0, dtype=torch.int8, device=r.device) if starts is None else starts.to(torch.int8).contiguous()
+        flags = (torch.empty(0, dtype=torch.int8, device=r.device) if starts is None
+                 else starts.to(torch.int8).contiguous())
         out = torch.empty_like(inputs[0])
         sa = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         ckpt = torch.empty(B, H, T // CHUNK, N, N, device=r.device, dtype=torch.float32)
