@@ -1,0 +1,300 @@
+"""WKV-7 in chunks on tensor cores (Triton): forward and backward, a gradient for the initial state, and per-token
+restarts for packed rows.
+
+Boundary: the same as `rwkv7.wkv_triton.wkv7_triton` (inputs `[B, T, H, N]`, initial state `[B, H, N, N]` in our
+[value, key] orientation, optional `starts [B, T]`). The recurrence, per head (rows of S = value dim):
+
+    S_t = S_{t-1} (diag(w_t) + a_tᵀ b_t) + v_tᵀ k_t,    o_t = S_t r_tᵀ,    w_t = exp(λ_t)
+
+Within a chunk of L steps that starts from S₀, with c_t = Σ_{s≤t} λ_s (and c⁻_t = c_t − λ_t) and u_t = S_{t-1} a_tᵀ:
+
+    S_t = S₀ diag(e^{c_t}) + Σ_{s≤t} (u_s b_s + v_sᵀ k_s) diag(e^{c_t − c_s})
+
+so with R' = r⊙e^{c}, A' = a⊙e^{c⁻}, B̂ = b⊙e^{−c}, K̂ = k⊙e^{−c} (rows t of [L, N] tiles):
+
+    U = (I − M_ab)⁻¹ (A' S₀ᵀ + M_ak V),    M_ab = A'B̂ᵀ, M_ak = A'K̂ᵀ masked to s < t
+    O = R' S₀ᵀ + M_rb U + M_rk V,           M_rb = R'B̂ᵀ, M_rk = R'K̂ᵀ masked to s ≤ t
+    S_L = S₀ diag(e^{c_L}) + Uᵀ B̄ + Vᵀ K̄,  B̄ = b⊙e^{c_L − c}, K̄ = k⊙e^{c_L − c}
+
+Every product is a small matrix product (tensor cores); the (I − M_ab)⁻¹ of a strictly lower triangular M_ab is
+(I + M)(I + M²)(I + M⁴)…, log₂ L products. Dividing by e^{c} is safe: RWKV-7's λ lies in (−0.61, 0], so over a
+chunk e^{−c} stays below e^{0.61·L} (1.7·10⁴ for L = 16), far inside float32 range, and each factor carries
+only its own relative rounding.
+
+Restarts (`starts`): a flagged position begins a new sequence from the row's initial state. Inside a chunk the
+rows then fall into segments; c becomes a cumulative sum within each segment (a masked [L, L] product with λ),
+the M matrices keep only pairs of one segment, the first segment enters from the carried state and later ones
+from the initial state. The same code serves chunks without restarts (one segment).
+
+One program per (batch row, head) walks the chunks in order and keeps S in float32 registers; it stores the
+state at every chunk start for the backward pass, which walks the chunks in reverse, recomputes each chunk's
+matrices from its stored state, and carries dS. Memory kept for backward: `T / L` states per row and head.
+Products run in float32 ("ieee") for float32 inputs and in TF32 on tensor cores otherwise; the cumulative sums
+and the inverse always in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled kernel per 64 tokens of length)
+# Launch settings: chunk length and warps per program for each kernel. STATETUNE_WKV_CHUNK="chunk=32,fwd_warps=4"
+# overrides them (bench/gpu_check_wkv.py --chunk-configs sweeps them).
+SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8}
+SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
+
+
+def launch_settings() -> dict[str, int]:
+    """The defaults in SETTINGS unless STATETUNE_WKV_CHUNK names others."""
+    settings = dict(SETTINGS)
+    for item in filter(None, os.environ.get(SETTINGS_ENV, "").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in settings or not value.strip().isdigit():
+            raise ValueError(f"{SETTINGS_ENV}={os.environ[SETTINGS_ENV]!r}: expected e.g. 'chunk=32,fwd_warps=4'")
+        settings[key.strip()] = int(value)
+    if settings["chunk"] not in (16, 32, 64):
+        raise ValueError(f"{SETTINGS_ENV}: chunk must be 16, 32 or 64, got {settings['chunk']}")
+    return settings
+
+
+@triton.jit
+def _segments(starts_ptr, row_base, rows, RESETS: tl.constexpr):
+    """Per row of the chunk, how many restarts lie at or before it (0 everywhere without RESETS)."""
+    if RESETS:
+        return tl.cumsum(tl.load(starts_ptr + row_base + rows).to(tl.int32), axis=0)
+    return rows * 0
+
+
+@triton.jit
+def _unit_lower_inverse(m, rows, LOG2L: tl.constexpr):
+    """(I − m)⁻¹ for a strictly lower triangular [L, L] m: (I + m)(I + m²)(I + m⁴)…(I + m^(L/2))."""
+    inv = (rows[:, None] == rows[None, :]).to(tl.float32) + m
+    power = m
+    for _ in tl.static_range(LOG2L - 1):
+        power = tl.dot(power, power, input_precision="ieee")
+        inv += tl.dot(inv, power, input_precision="ieee")
+    return inv
+
+
+@triton.jit
+def _chunk_terms(r, lw, k, a, b, seg, rows, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr):
+    """Everything of one chunk that does not depend on the state (see the module docstring)."""
+    same = seg[:, None] == seg[None, :]
+    incl = ((rows[:, None] >= rows[None, :]) & same).to(tl.float32)
+    strict = ((rows[:, None] > rows[None, :]) & same).to(tl.float32)
+    c = tl.dot(incl, lw, input_precision="ieee")  # cumulative log decay within each segment
+    cex = c - lw
+    last = seg == tl.max(seg, axis=0)  # rows of the chunk's last segment
+    c_end = tl.sum(tl.where((rows == L - 1)[:, None], c, 0.0), axis=0)
+    rp = r * tl.exp(c)
+    ap = a * tl.exp(cex)
+    grow = tl.exp(-c)
+    bh = b * grow
+    kh = k * grow
+    tail = tl.where(last[:, None], tl.exp(c_end[None, :] - c), 0.0)
+    m_ab = tl.dot(ap, tl.trans(bh), input_precision=PREC) * strict
+    m_ak = tl.dot(ap, tl.trans(kh), input_precision=PREC) * strict
+    m_rb = tl.dot(rp, tl.trans(bh), input_precision=PREC) * incl
+    m_rk = tl.dot(rp, tl.trans(kh), input_precision=PREC) * incl
+    inv = _unit_lower_inverse(m_ab, rows, LOG2L)
+    return incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk, inv
+
+
+@triton.jit
+def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, ckpt_ptr, final_ptr,
+         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+         RESETS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)  # = batch row * H + head
+    b_idx = pid // H
+    h_idx = pid % H
+    rows = tl.arange(0, L)
+    cols = tl.arange(0, N)
+    tile = cols[:, None] * N + cols[None, :]
+    NC: tl.constexpr = T // L
+    first = tl.load(s0_ptr + pid * N * N + tile)
+    S = first
+    for ci in range(NC):
+        if SAVE:
+            tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S)
+        offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+        r = tl.load(r_ptr + offs).to(tl.float32)
+        lw = tl.load(w_ptr + offs).to(tl.float32)
+        k = tl.load(k_ptr + offs).to(tl.float32)
+        v = tl.load(v_ptr + offs).to(tl.float32)
+        a = tl.load(a_ptr + offs).to(tl.float32)
+        b = tl.load(b_ptr + offs).to(tl.float32)
+        seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
+        (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk,
+         inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
+        cont = (seg == 0)[:, None]  # rows that continue from the carried state
+        y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
+        o = tl.dot(tl.where(cont, rp, 0.0), tl.trans(S), input_precision=PREC)
+        enter = S
+        if RESETS:
+            y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
+            o += tl.dot(tl.where(cont, 0.0, rp), tl.trans(first), input_precision=PREC)
+            enter = tl.where(tl.max(seg, axis=0) == 0, S, first)
+        y += tl.dot(m_ak, v, input_precision=PREC)
+        u = tl.dot(inv, y, input_precision=PREC)
+        o += tl.dot(m_rb, u, input_precision=PREC) + tl.dot(m_rk, v, input_precision=PREC)
+        tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty))
+        S = (enter * tl.exp(c_end)[None, :] + tl.dot(tl.trans(u), b * tail, input_precision=PREC)
+             + tl.dot(tl.trans(v), k * tail, input_precision=PREC))
+    tl.store(final_ptr + pid * N * N + tile, S)
+
+
+@triton.jit
+def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr, dout_ptr, dfinal_ptr,
+         dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
+         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+         RESETS: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    b_idx = pid // H
+    h_idx = pid % H
+    rows = tl.arange(0, L)
+    cols = tl.arange(0, N)
+    tile = cols[:, None] * N + cols[None, :]
+    NC: tl.constexpr = T // L
+    first = tl.load(s0_ptr + pid * N * N + tile)
+    dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
+    dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
+    for i in range(NC):
+        ci = NC - 1 - i
+        S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile)
+        offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+        r = tl.load(r_ptr + offs).to(tl.float32)
+        lw = tl.load(w_ptr + offs).to(tl.float32)
+        k = tl.load(k_ptr + offs).to(tl.float32)
+        v = tl.load(v_ptr + offs).to(tl.float32)
+        a = tl.load(a_ptr + offs).to(tl.float32)
+        b = tl.load(b_ptr + offs).to(tl.float32)
+        do = tl.load(dout_ptr + offs).to(tl.float32)
+        seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
+        (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk,
+         inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
+        cont = (seg == 0)[:, None]
+        bbar = b * tail
+        kbar = k * tail
+        # forward again: u
+        y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
+        enter = S
+        if RESETS:
+            y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
+            enter = tl.where(tl.max(seg, axis=0) == 0, S, first)
+        y += tl.dot(m_ak, v, input_precision=PREC)
+        u = tl.dot(inv, y, input_precision=PREC)
+        # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v
+        du = (tl.dot(tl.trans(m_rb), do, input_precision=PREC)
+              + tl.dot(bbar, tl.trans(dS), input_precision=PREC))
+        dy = tl.dot(tl.trans(inv), du, input_precision=PREC)  # u = (I − M_ab)⁻¹ y
+        dm_ab = tl.dot(dy, tl.trans(u), input_precision=PREC) * strict
+        dm_ak = tl.dot(dy, tl.trans(v), input_precision=PREC) * strict
+        dm_rb = tl.dot(do, tl.trans(u), input_precision=PREC) * incl
+        dm_rk = tl.dot(do, tl.trans(v), input_precision=PREC) * incl
+        dv = (tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
+              + tl.dot(kbar, tl.trans(dS), input_precision=PREC))
+        do_c = tl.where(cont, do, 0.0)
+        dy_c = tl.where(cont, dy, 0.0)
+        drp = (tl.dot(do_c, S, input_precision=PREC) + tl.dot(dm_rb, bh, input_precision=PREC)
+               + tl.dot(dm_rk, kh, input_precision=PREC))
+        dap = (tl.dot(dy_c, S, input_precision=PREC) + tl.dot(dm_ab, bh, input_precision=PREC)
+               + tl.dot(dm_ak, kh, input_precision=PREC))
+        dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
+                   + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
+        if RESETS:
+            do_f = tl.where(cont, 0.0, do)
+            dy_f = tl.where(cont, 0.0, dy)
+            drp += tl.dot(do_f, first, input_precision=PREC)
+            dap += tl.dot(dy_f, first, input_precision=PREC)
+            dfirst += (tl.dot(tl.trans(do_f), rp, input_precision=PREC)
+                       + tl.dot(tl.trans(dy_f), ap, input_precision=PREC))
+        dbh = tl.dot(tl.trans(dm_ab), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rb), rp, input_precision=PREC)
+        dkh = tl.dot(tl.trans(dm_ak), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rk), rp, input_precision=PREC)
+        dbbar = tl.dot(u, dS, input_precision=PREC)
+        dkbar = tl.dot(v, dS, input_precision=PREC)
+        decay_end = tl.exp(c_end)
+        dc_end = tl.sum(dS * enter, axis=0) * decay_end + tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
+        carried = dS * decay_end[None, :]
+        if RESETS:
+            ends_first = tl.max(seg, axis=0) == 0
+            dS_prev += tl.where(ends_first, carried, 0.0)
+            dfirst += tl.where(ends_first, 0.0, carried)
+        else:
+            dS_prev += carried
+        dc = (drp * rp - dbh * bh - dkh * kh - dbbar * bbar - dkbar * kbar
+              + tl.where((rows == L - 1)[:, None], dc_end[None, :], 0.0))
+        dlw = (tl.dot(tl.trans(incl), dc, input_precision="ieee")
+               + tl.dot(tl.trans(strict), dap * ap, input_precision="ieee"))
+        tl.store(dr_ptr + offs, (drp * tl.exp(c)).to(dr_ptr.dtype.element_ty))
+        tl.store(dw_ptr + offs, dlw.to(dw_ptr.dtype.element_ty))
+        tl.store(dk_ptr + offs, (dkh * grow + dkbar * tail).to(dk_ptr.dtype.element_ty))
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
+        tl.store(da_ptr + offs, (dap * tl.exp(cex)).to(da_ptr.dtype.element_ty))
+        tl.store(db_ptr + offs, (dbh * grow + dbbar * tail).to(db_ptr.dtype.element_ty))
+        dS = dS_prev
+    tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _ChunkWKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,  # type: ignore[override]
+                s0: Tensor, starts: Tensor | None) -> tuple[Tensor, Tensor]:
+        B, T, H, N = r.shape
+        settings = launch_settings()
+        L = settings["chunk"]
+        inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
+        s0 = s0.float().contiguous()
+        flags = (torch.empty(0, dtype=torch.int8, device=r.device) if starts is None
+                 else starts.to(torch.int8).contiguous())
+        save = any(ctx.needs_input_grad[:7])
+        out = torch.empty_like(inputs[0])
+        ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device, dtype=torch.float32)
+        final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        log2l = L.bit_length() - 1
+        _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
+                       _precision(r.dtype), num_warps=settings["fwd_warps"])
+        if save:
+            ctx.save_for_backward(*inputs, s0, flags, ckpt)
+            ctx.launch = L, log2l, starts is not None, settings["bwd_warps"]
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        r, log_decay, k, v, a, b, s0, flags, ckpt = ctx.saved_tensors
+        L, log2l, resets, num_warps = ctx.launch
+        B, T, H, N = r.shape
+        dout = dout.contiguous()
+        dfinal = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dfinal is None
+                  else dfinal.float().contiguous())
+        grads = [torch.empty_like(x) for x in (r, log_decay, k, v, a, b)]
+        ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, ckpt, dout, dfinal, *grads, ds0,
+                       T, H, N, L, log2l, resets, _precision(r.dtype), num_warps=num_warps)
+        return (*grads, ds0, None)
+
+
+def wkv7_chunk(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+               initial_state: Tensor, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`wkv7` without cu_seqlens through the chunked kernels: `(out [B, T, H, N]` in r's dtype`, final [B, H, N, N])`.
+
+    Shapes and `starts` as in `rwkv7.wkv_triton.wkv7_triton`; T is padded up to a multiple of `T_STEP` with steps
+    that change nothing (zero r, k, v, a, b and log decay 0), so the final state and every gradient are those
+    of the unpadded sequence.
+    """
+    B, T = r.shape[:2]
+    pad = -T % T_STEP
+    inputs = [F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x for x in (r, log_decay, k, v, a, b)]
+    if starts is not None and pad:
+        starts = F.pad(starts, (0, pad))
+    out, final = _ChunkWKV7.apply(*inputs, initial_state.expand(B, -1, -1, -1), starts)
+    return (out[:, :T] if pad else out), final
