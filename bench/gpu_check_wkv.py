@@ -2,17 +2,17 @@
 
 Run on the GPU machine from the repo root (after `source bench/gpu-env.sh`):
 
-    python bench/gpu_check_wkv.py [--backend fla|triton] [--bench] [--log $OUT/gpu_check_wkv.log]
+    python bench/gpu_check_wkv.py [--backend fla|chunk|triton] [--bench] [--log $OUT/gpu_check_wkv.log]
 
 Compares, for fp32 and bf16 inputs: outputs, final state, d(initial state) and every input gradient of
 `rwkv7.wkv.wkv7(..., backend=BACKEND)` (fla: chunk kernel) against `backend="reference"` run in float32 on the very
 same (dtype-rounded) inputs, so the errors are the kernel's alone. Cases: equal lengths with T not a multiple
 of the chunk size, variable-length packing (cu_seqlens), the decode kernel (fused recurrent, no grad), and a
 tiny random RWKV7 model end to end (logits and the gradient of a trainable [L, H, N, N] state).
-Triton also gets rows with restarts mid-row (`starts`).
+Our kernels (chunk, triton) also get rows with restarts mid-row (`starts`).
 Errors: max |fast − ref| and that divided by max |ref|. Prints a table last; exits 1 if any check fails.
 With --bench also times fwd+bwd of the fast kernel first (bf16, B=8, T=512, H=32; median of 20), for Triton
-once per `--triton-configs` launch setting.
+for ours once per `--configs` launch setting.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ DEVICE = "cuda"
 FAST = "fla"  # --cpu-dry-run sets DEVICE = "cpu", FAST = "reference" to exercise this script without a GPU
 # Relative-error limits (max abs error / max abs reference). fla's dh0 measured 6e-4 (fp32), 2.4e-3 (bf16).
 REL_LIMIT = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
+SETTINGS_ENV = {"triton": "STATETUNE_WKV_TRITON", "chunk": "STATETUNE_WKV_CHUNK"}  # launch settings of ours
 INPUT_NAMES = ("r", "log_decay", "k", "v", "a", "b", "initial_state")
 
 
@@ -154,7 +155,7 @@ def model_case(dtype: torch.dtype) -> list[Row]:
 
 
 def restarts_case(dtype: torch.dtype) -> list[Row]:
-    """Rows holding several sequences (`starts`, Triton only): the fixed-shape packing CUDA graphs use."""
+    """Rows holding several sequences (`starts`, our kernels only): the fixed-shape packing CUDA graphs use."""
     starts = torch.zeros(2, 300, dtype=torch.bool, device=DEVICE)
     starts[0, [0, 7, 8, 100, 112, 250]] = True
     starts[1, [0, 16, 33, 299]] = True
@@ -188,11 +189,11 @@ def time_fwd_bwd(inputs: list[torch.Tensor], starts: torch.Tensor | None = None,
     return statistics.median(times) * 1e3, first
 
 
-def bench_chunk(triton_configs: list[str]) -> list[str]:
-    """Median fwd+bwd time of the fast kernel at RWKV-PEFT-like sizes (B8 T512 H32, bf16); for Triton once per
+def bench_chunk(configs: list[str]) -> list[str]:
+    """Median fwd+bwd time of the fast kernel at RWKV-PEFT-like sizes (B8 T512 H32, bf16); for ours once per
     launch setting, and with restarts every ~175 tokens (workload c packed into rows)."""
     inputs = [x.requires_grad_() for x in make_inputs(8, 512, 32, torch.bfloat16, seed=9)]
-    if FAST != "triton":
+    if FAST == "fla":
         ms, first = time_fwd_bwd(inputs)
         ms_fwd, _ = time_fwd_bwd(inputs, backward=False)
         return [(f"{FAST} fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per layer (fwd {ms_fwd:.2f}) "
@@ -200,16 +201,17 @@ def bench_chunk(triton_configs: list[str]) -> list[str]:
     starts = torch.zeros(8, 512, dtype=torch.bool, device=DEVICE)
     starts[:, ::175] = True
     lines = []
-    for config in triton_configs:
-        os.environ["STATETUNE_WKV_TRITON"] = config
+    env = SETTINGS_ENV[FAST]
+    for config in configs:
+        os.environ[env] = config
         ms, first = time_fwd_bwd(inputs)
         ms_fwd, _ = time_fwd_bwd(inputs, backward=False)
         ms_r, _ = time_fwd_bwd(inputs, starts)
-        lines.append(f"triton [{config or 'defaults'}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per "
+        lines.append(f"{FAST} [{config or 'defaults'}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per "
                      f"layer (fwd {ms_fwd:.2f}), {ms_r:.2f} ms with restarts every 175 tokens (first call incl. "
                      f"compile {first:.1f} s)")
         print(lines[-1], flush=True)
-    os.environ.pop("STATETUNE_WKV_TRITON")
+    os.environ.pop(env)
     return lines
 
 
@@ -235,13 +237,13 @@ def report(lines: list[str], rows: list[Row], log: Path | None) -> list[Row]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="fla", choices=("fla", "triton"), help="the fast path to check")
+    parser.add_argument("--backend", default="fla", choices=("fla", "chunk", "triton"), help="the fast path to check")
     parser.add_argument("--bench", action="store_true", help="also time the fast kernel (first)")
     parser.add_argument("--log", type=Path, help="write the full table here as well")
-    parser.add_argument("--triton-configs", default="",
-                        help="with --bench --backend triton: launch settings to time, ';'-separated "
-                             "(STATETUNE_WKV_TRITON values, e.g. 'block_v=64,num_warps=4;block_v=16,num_warps=2'); "
-                             "default: the kernel's own defaults")
+    parser.add_argument("--configs", "--triton-configs", default="",
+                        help="with --bench and our kernels: launch settings to time, ';'-separated (values of "
+                             "STATETUNE_WKV_CHUNK, e.g. 'chunk=32,fwd_warps=4;chunk=16', or of STATETUNE_WKV_TRITON, "
+                             "e.g. 'block_v=64,num_warps=4'); default: the kernel's own defaults")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, in order: bf16, fp32")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="reference vs reference on CPU: checks this script, not the kernel")
@@ -260,7 +262,7 @@ def main() -> int:
         lines = [f"backend {FAST}: torch {torch.__version__}, fla {fla.__version__}, {torch.cuda.get_device_name()}"]
     rows: list[Row] = []
     if args.bench and not args.cpu_dry_run:
-        lines += bench_chunk(args.triton_configs.split(";"))
+        lines += bench_chunk(args.configs.split(";"))
         report(lines, rows, args.log)
     # bf16 first and the training path (packed sequences) first: their autotune choices ship with the repo. The
     # table is rewritten after each case, so a run cut short by its time limit still leaves what it checked.

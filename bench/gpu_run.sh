@@ -17,6 +17,8 @@
 #              them and with fla
 #       pack   one GPU: 1.5B (a), (c) with fla on padded batches and with our Triton kernel on packed rows
 #       verify one GPU: the Triton GPU tests and check (default launch setting), 1.5B (c) packed, compile on/off
+#       chunk  one GPU: our chunked kernel checked (bf16, fp32) and timed per launch setting, fla timed; then 1.5B (a)
+#              and (c) trained with it (padded and packed) next to fla, all with graphs + compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
@@ -95,7 +97,7 @@ wkv_check() {
   local tag="${backend}-${dtypes//,/-}"
   stamp "WKV check ($backend, $dtypes) on GPU $gpu"
   CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 bench/gpu_check_wkv.py --backend "$backend" --bench \
-    --dtypes "$dtypes" --log "$OUT/gpu_check_wkv-$tag.log" ${TRITON_CONFIGS:+--triton-configs "$TRITON_CONFIGS"} \
+    --dtypes "$dtypes" --log "$OUT/gpu_check_wkv-$tag.log" ${TRITON_CONFIGS:+--configs "$TRITON_CONFIGS"} \
     > "$LOGS/gpu_check_wkv-$tag.stdout" 2>&1
   echo "gpu_check_wkv $backend $dtypes rc=$?"
 }
@@ -218,6 +220,13 @@ case "$PLAN" in
     TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
     ;;
+  chunk)  # one GPU: the chunked kernel's check and launch-setting sweep, fla's time, then training rows
+    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16,fwd_warps=4,bwd_warps=8;chunk=16,fwd_warps=4,bwd_warps=4;chunk=32,fwd_warps=4,bwd_warps=8;chunk=64,fwd_warps=8,bwd_warps=8}" \
+      wkv_check 0 200 bf16,fp32 chunk
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --wkv chunk --pack on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv chunk
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv fla
+    ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --emb-host off
@@ -230,7 +239,7 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | pack | verify | sizes | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | pack | verify | chunk | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

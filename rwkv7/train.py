@@ -88,9 +88,10 @@ class TrainParams(BaseModel):
         "auto", description="capture each batch shape's forward+backward in a CUDA graph and replay it (batches "
                             "packed into fixed rows, or padded to widths in steps of 32 tokens); auto: on for "
                             "CUDA in bf16 without distill_prompt, off elsewhere; on: also int8/nf4 (an error on CPU)")
-    wkv_kernel: Literal["auto", "fla", "triton"] = Field(
+    wkv_kernel: Literal["auto", "fla", "chunk", "triton"] = Field(
         "auto", description="CUDA WKV-7 kernel for training: fla (flash-linear-attention's chunk kernel, the "
-                            "fastest measured) or triton (ours; restarts sequences mid-row, which pack needs); "
+                            "fastest measured), chunk or triton (ours, chunked on tensor cores or step by step; they restart "
+                            "sequences mid-row, which pack needs); "
                             "auto: triton with pack, else fla. CPU always runs the reference")
     pack: bool = Field(False, description="pack whole samples into micro_bsz rows of ctx_len tokens per "
                                           "micro-batch (the model restarts from the tuned state at each sample: "
@@ -314,7 +315,7 @@ class BatchLayout:
 
     device: torch.device
     graphs: bool  # CUDA graphs (`use_cuda_graphs`)
-    wkv: str  # rwkv7.wkv backend the blocks use: "reference" (CPU), "fla" or "triton"
+    wkv: str  # rwkv7.wkv backend the blocks use: "reference" (CPU), "fla", "chunk" or "triton"
     pack: bool  # whole samples packed into fixed rows that restart at each sample
 
 
@@ -329,8 +330,8 @@ def batch_layout(p: TrainParams, device: torch.device, graphs: bool) -> BatchLay
     else:
         wkv = p.wkv_kernel
     if p.pack and wkv == "fla":
-        raise TrainingError("pack: true needs a WKV kernel that restarts sequences mid-row: wkv_kernel triton (or "
-                            "auto); fla runs without pack")
+        raise TrainingError("pack: true needs a WKV kernel that restarts sequences mid-row: wkv_kernel chunk, "
+                            "triton or auto; fla runs without pack")
     return BatchLayout(device, graphs, wkv, p.pack)
 
 

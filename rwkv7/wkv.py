@@ -1,6 +1,6 @@
 """The WKV-7 recurrence, in one place: a plain torch reference, the flash-linear-attention fast path, and our
-own Triton kernels (`rwkv7.wkv_triton`), which can also restart sequences mid-row (`starts`; what packed
-training rows need).
+own Triton kernels, which can also restart sequences mid-row (`starts`; what packed training rows need): chunked
+on tensor cores (`rwkv7.wkv_chunk`, backend "chunk") and step by step (`rwkv7.wkv_triton`, backend "triton").
 
 Boundary: tensors in, tensors out. Per head, with the state S in [value, key] orientation (rows = value dim,
 columns = key dim, the BlinkDL / `rwkv` pip / RWKV-Runner convention):
@@ -12,8 +12,8 @@ at the boundary. The reference runs in float32 and is differentiable in every in
 
 Backend choice (one dispatch, `wkv7`): explicit `backend=` argument, else `force_backend(...)` (tests), else the
 env var STATETUNE_WKV_BACKEND, else "fla" on CUDA and "reference" elsewhere. fla and Triton are imported lazily,
-so this module works where they are not installed. "triton" runs on CUDA, or on CPU in Triton's interpreter
-(TRITON_INTERPRET=1, for tests); packed sequences go through it one at a time.
+so this module works where they are not installed. "chunk" and "triton" run on CUDA, or on CPU in Triton's
+interpreter (TRITON_INTERPRET=1, for tests); packed sequences (cu_seqlens) go through them one at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-BACKENDS = ("reference", "fla", "triton")
+BACKENDS = ("reference", "fla", "triton", "chunk")
 BACKEND_ENV = "STATETUNE_WKV_BACKEND"
 # Inference calls up to this length use fla's fused recurrent kernel (decoding); longer ones the chunk kernel.
 FUSED_RECURRENT_MAX_T = 64
@@ -63,8 +63,8 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
                               f"{BACKEND_ENV}); choose one of {BACKENDS}")
     if name == "fla" and device.type != "cuda":
         raise WKVBackendError(f"WKV backend 'fla' needs CUDA tensors, got device {device}")
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise WKVBackendError(f"WKV backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
+    if name in ("triton", "chunk") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise WKVBackendError(f"WKV backend {name!r} needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
     return name
 
 
@@ -80,8 +80,8 @@ def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     ending at T), B must be 1 and the T tokens are S packed sequences, each starting from its own initial state.
     With `starts` (bool `[B, T]`, not with cu_seqlens) each row holds several sequences: every flagged position
     restarts from the row's initial state (shapes stay fixed whatever the data, as CUDA graphs need); the final
-    state is then that of each row's last sequence. fla cannot restart mid-row: `starts` needs "reference" or
-    "triton".
+    state is then that of each row's last sequence. fla cannot restart mid-row: `starts` needs "reference",
+    "chunk" or "triton".
     Returns `(out [B, T, H, N]` in r's dtype`, final_state [S, H, N, N]` float32`)`.
     `log_decay` = log of the per-channel decay, in (−e^(−1/2), 0) for RWKV-7; the fla path relies on
     `log_decay ≥ FLA_LOG_DECAY_BOUND`.
@@ -91,9 +91,10 @@ def wkv7(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
         raise ValueError("wkv7 takes cu_seqlens or starts, not both")
     if name == "fla":
         if starts is not None:
-            raise WKVBackendError("per-token restarts (starts) need the 'reference' or 'triton' WKV backend, not fla")
+            raise WKVBackendError("per-token restarts (starts) need the 'reference', 'chunk' or 'triton' WKV backend, "
+                                  "not fla")
         return _fla(r, log_decay, k, v, a, b, initial_state, cu_seqlens)
-    run = wkv7_reference if name == "reference" else _triton()
+    run = wkv7_reference if name == "reference" else _ours(name)
     if starts is not None:
         return run(r, log_decay, k, v, a, b, initial_state, starts)
     if cu_seqlens is None:
@@ -134,12 +135,16 @@ def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor
     return out.to(dtype), state
 
 
-def _triton() -> Callable[..., tuple[Tensor, Tensor]]:
+def _ours(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Our Triton kernels: "chunk" (rwkv7.wkv_chunk) or "triton" (rwkv7.wkv_triton), imported when first used."""
     try:
+        if name == "chunk":
+            from rwkv7.wkv_chunk import wkv7_chunk
+            return wkv7_chunk
         from rwkv7.wkv_triton import wkv7_triton
+        return wkv7_triton
     except ImportError as e:
-        raise WKVBackendError(f"WKV backend 'triton' needs the triton package: {e}") from e
-    return wkv7_triton
+        raise WKVBackendError(f"WKV backend {name!r} needs the triton package: {e}") from e
 
 
 def _fla(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor,
