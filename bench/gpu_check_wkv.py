@@ -204,7 +204,14 @@ def bench_chunk(configs: list[str]) -> list[str]:
     env = SETTINGS_ENV[FAST]
     for config in configs:
         os.environ[env] = config
-        ms, first = time_fwd_bwd(inputs)
+        try:
+            ms, first = time_fwd_bwd(inputs)
+        except Exception as e:  # noqa: BLE001 - e.g. a setting over the shared-memory limit: report, go on
+            lines.append(f"{FAST} [{config}] cannot run: {type(e).__name__}: {str(e)[:160]}")
+            print(lines[-1], flush=True)
+            for x in inputs:
+                x.grad = None
+            continue
         ms_fwd, _ = time_fwd_bwd(inputs, backward=False)
         ms_r, _ = time_fwd_bwd(inputs, starts)
         lines.append(f"{FAST} [{config or 'defaults'}] fwd+bwd incl. dh0, bf16 B8 T512 H32: median {ms:.2f} ms per "

@@ -1,4 +1,5 @@
-"""Our Triton WKV-7 kernels against the float32 reference, run in Triton's interpreter on CPU.
+"""Our Triton WKV-7 kernels (step by step: backend "triton"; chunked: "chunk") against the float32 reference, run in
+Triton's interpreter on CPU.
 
 `triton.jit` decides at import whether to interpret, so each check runs in a child process started with
 TRITON_INTERPRET=1; it prints the relative errors (max |triton − ref| / max |ref|) as JSON. The GPU runs the
@@ -24,11 +25,10 @@ CHILD = textwrap.dedent('''
     import torch
     import torch.nn.functional as F
     from rwkv7.wkv import wkv7, wkv7_reference
-    from rwkv7.wkv_triton import wkv7_triton
 
-    B, T, H, dtype_name, strongest_decay, packed, restarts, settings, device = json.loads(sys.argv[1])
+    B, T, H, dtype_name, strongest_decay, packed, restarts, settings, device, fast = json.loads(sys.argv[1])
     import os
-    os.environ["STATETUNE_WKV_TRITON"] = settings
+    os.environ["STATETUNE_WKV_CHUNK" if fast == "chunk" else "STATETUNE_WKV_TRITON"] = settings
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
     def randn(*shape):
@@ -50,7 +50,7 @@ CHILD = textwrap.dedent('''
         starts = starts.to(device)
         s0 = s0[:1]  # one initial state, broadcast over the rows and shared by every sequence
     results = []
-    for backend in ("triton", "reference"):
+    for backend in (fast, "reference"):
         leaves = [(x.float() if backend == "reference" else x).clone().requires_grad_() for x in (*xs, s0)]
         out, final = wkv7(*leaves, cu_seqlens=cu, starts=starts, backend=backend)
         g2 = torch.Generator().manual_seed(1)
@@ -65,14 +65,15 @@ CHILD = textwrap.dedent('''
 
 def errors(B: int, T: int, H: int, dtype: str = "float32", strongest_decay: bool = False,
            packed: bool = False, restarts: list[list[int]] | None = None, settings: str = "",
-           device: str = "cpu") -> dict[str, float]:
-    """Relative errors of triton vs reference; `restarts` lists, per row, the positions that start a new
-    sequence; `settings` goes to STATETUNE_WKV_TRITON (launch settings)."""
+           device: str = "cpu", backend: str = "triton") -> dict[str, float]:
+    """Relative errors of our kernels (`backend`: triton or chunk) vs reference; `restarts` lists, per row, the
+    positions that start a new sequence; `settings` goes to STATETUNE_WKV_TRITON or STATETUNE_WKV_CHUNK (launch
+    settings)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", CHILD,
-                           json.dumps([B, T, H, dtype, strongest_decay, packed, restarts, settings, device])],
+                           json.dumps([B, T, H, dtype, strongest_decay, packed, restarts, settings, device, backend])],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -112,4 +113,42 @@ def test_bf16_inputs_and_packed_sequences_go_through_the_dispatch() -> None:
 @pytest.mark.parametrize("dtype, limit", [("float32", 1e-4), ("bfloat16", 1.5e-2)])
 def test_compiled_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float) -> None:
     errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda")
+    assert all(e < limit for e in errs.values()), errs
+
+
+# The chunked kernels (rwkv7.wkv_chunk): chunk length 16, 32 or 64; value rows split over 1, 2 or 4 programs.
+@pytest.mark.parametrize("settings", ["chunk=16,block_v=32", "chunk=32,block_v=16", "chunk=64,block_v=64"])
+def test_chunked_kernels_match_the_reference_in_outputs_final_state_and_every_gradient(settings: str) -> None:
+    """T = 37 is padded to 64: three chunks of 16 with the last partly padding, or one chunk of 64."""
+    errs = errors(B=2, T=37, H=2, settings=settings, backend="chunk")
+    assert set(errs) == {"out", "final", "dr", "dlog_decay", "dk", "dv", "da", "db", "dinitial_state"}
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("settings", ["chunk=16,block_v=16", "chunk=32,block_v=64"])
+def test_chunked_kernels_restart_mid_row_like_the_reference(settings: str) -> None:
+    """Restarts inside chunks (7 and 8: a one-token sequence; 21), on chunk starts (16, 32), at a row's first
+    position and at its last, in rows with one and with several restarts per chunk."""
+    errs = errors(B=3, T=40, H=2, restarts=[[7, 8, 21, 32], [0, 16, 39], [5]], settings=settings, backend="chunk")
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_chunked_kernels_stay_within_float32_limits_at_the_strongest_decays() -> None:
+    """A chunk of 64 at the strongest decay divides by e^(-0.61·64) ≈ 1e-17 and multiplies back (the module
+    docstring's argument): the worst case for its rounding."""
+    errs = errors(B=1, T=128, H=1, strongest_decay=True, settings="chunk=64", backend="chunk")
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_chunked_kernels_take_bf16_inputs_and_packed_sequences_through_the_dispatch() -> None:
+    errs = errors(B=1, T=32, H=2, dtype="bfloat16", packed=True, backend="chunk")
+    assert all(e < 1.5e-2 for e in errs.values()), errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype, limit", [("float32", 1e-4), ("bfloat16", 1.5e-2)])
+def test_compiled_chunked_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float) -> None:
+    errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda", backend="chunk",
+                  restarts=[[0, 50, 64, 130], [0], [0, 199]])
     assert all(e < limit for e in errs.values()), errs
