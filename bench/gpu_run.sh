@@ -221,7 +221,7 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
     ;;
   chunk)  # one GPU: the chunked kernel's check and launch-setting sweep, fla's time, then training rows
-    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16,block_v=32,fwd_warps=4,state_warps=4,grad_warps=8;chunk=16,block_v=16,fwd_warps=2,state_warps=2,grad_warps=4;chunk=16,block_v=16,fwd_warps=4,state_warps=4,grad_warps=4;chunk=16,block_v=64,fwd_warps=4,state_warps=4,grad_warps=8;chunk=32,block_v=32,fwd_warps=4,state_warps=4,grad_warps=8;chunk=32,block_v=16,fwd_warps=4,state_warps=4,grad_warps=8;chunk=64,block_v=16,fwd_warps=4,state_warps=4,grad_warps=8}" \
+    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16,fwd_warps=4,bwd_warps=8;chunk=16,fwd_warps=2,bwd_warps=8;chunk=16,fwd_warps=4,bwd_warps=16}" \
       wkv_check 0 200 bf16,fp32 chunk
     CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
       tests/rwkv7/test_wkv_triton.py -k chunked > "$OUT/gpu_tests.log" 2>&1

@@ -44,9 +44,13 @@ import triton.language as tl
 from torch import Tensor
 
 T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled kernel per 64 tokens of length)
-# Launch settings: chunk length and warps per program for each kernel. STATETUNE_WKV_CHUNK="chunk=32,fwd_warps=4"
-# overrides them (bench/gpu_check_wkv.py --chunk-configs sweeps them).
-SETTINGS = {"chunk": 16, "block_v": 32, "fwd_warps": 4, "state_warps": 4, "grad_warps": 8}
+# Launch settings: chunk length and warps per program of each kernel. STATETUNE_WKV_CHUNK="chunk=32,fwd_warps=4"
+# overrides them (bench/gpu_check_wkv.py --configs sweeps them). H200, bf16 B8 T512 H32, forward + backward per
+# layer (2026-11-29, calls M and N): chunk 16 with 4 / 8 warps 1.65 ms, with 4 / 4 1.87 ms; chunk 32 and 64 need
+# more shared memory than an H200 has. A second version that split value rows over programs and computed the
+# gradients of all chunks at once was slower (1.79-1.81 ms alone, 43.7 vs 34.5 ms per packed training step):
+# the per-chunk terms that do not depend on the state dominate, and it computed them twice or three times.
+SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
 
@@ -107,34 +111,28 @@ def _chunk_terms(r, lw, k, a, b, seg, rows, L: tl.constexpr, LOG2L: tl.constexpr
 
 
 @triton.jit
-def _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offs):
-    """The key-side [L, N] tiles of one chunk in float32: r, log decay, k, a, b."""
-    return (tl.load(r_ptr + offs).to(tl.float32), tl.load(w_ptr + offs).to(tl.float32),
-            tl.load(k_ptr + offs).to(tl.float32), tl.load(a_ptr + offs).to(tl.float32),
-            tl.load(b_ptr + offs).to(tl.float32))
-
-
-@triton.jit
 def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, ckpt_ptr, final_ptr,
-         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr,
-         LOG2L: tl.constexpr, RESETS: tl.constexpr, PREC: tl.constexpr):
-    """Grid (B·H, N / BV): each program carries BV value rows of S through the chunks (value rows evolve on their
-    own), writes its columns of the output and the state at every chunk start (`ckpt`)."""
+         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+         RESETS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)  # = batch row * H + head
     b_idx = pid // H
     h_idx = pid % H
     rows = tl.arange(0, L)
     cols = tl.arange(0, N)
-    vcols = tl.program_id(1) * BV + tl.arange(0, BV)
-    tile = vcols[:, None] * N + cols[None, :]
+    tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
     first = tl.load(s0_ptr + pid * N * N + tile)
     S = first
     for ci in range(NC):
-        tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S)
-        row_offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N
-        r, lw, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, row_offs + cols[None, :])
-        v = tl.load(v_ptr + row_offs + vcols[None, :]).to(tl.float32)
+        if SAVE:
+            tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S)
+        offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+        r = tl.load(r_ptr + offs).to(tl.float32)
+        lw = tl.load(w_ptr + offs).to(tl.float32)
+        k = tl.load(k_ptr + offs).to(tl.float32)
+        v = tl.load(v_ptr + offs).to(tl.float32)
+        a = tl.load(a_ptr + offs).to(tl.float32)
+        b = tl.load(b_ptr + offs).to(tl.float32)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
@@ -150,126 +148,103 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
         y += tl.dot(m_ak, v, input_precision=PREC)
         u = tl.dot(inv, y, input_precision=PREC)
         o += tl.dot(m_rb, u, input_precision=PREC) + tl.dot(m_rk, v, input_precision=PREC)
-        tl.store(out_ptr + row_offs + vcols[None, :], o.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty))
         S = (enter * tl.exp(c_end)[None, :] + tl.dot(tl.trans(u), b * tail, input_precision=PREC)
              + tl.dot(tl.trans(v), k * tail, input_precision=PREC))
     tl.store(final_ptr + pid * N * N + tile, S)
 
 
 @triton.jit
-def _bwd_state(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, starts_ptr, dout_ptr, dfinal_ptr, dsend_ptr, ds0_ptr,
-               T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr,
-               LOG2L: tl.constexpr, RESETS: tl.constexpr, PREC: tl.constexpr):
-    """Backward, pass 1 (grid as `_fwd`): walks the chunks in reverse carrying dS (BV value rows; they need
-    neither the state nor u), stores dS at every chunk end (`dsend`) and d(initial state)."""
+def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr, dout_ptr, dfinal_ptr,
+         dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
+         T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+         RESETS: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     b_idx = pid // H
     h_idx = pid % H
     rows = tl.arange(0, L)
     cols = tl.arange(0, N)
-    vcols = tl.program_id(1) * BV + tl.arange(0, BV)
-    tile = vcols[:, None] * N + cols[None, :]
+    tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
+    first = tl.load(s0_ptr + pid * N * N + tile)
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
-    dfirst = tl.zeros((BV, N), dtype=tl.float32)  # gradient of the initial state through restarts
+    dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
     for i in range(NC):
         ci = NC - 1 - i
-        tl.store(dsend_ptr + (pid * NC + ci) * N * N + tile, dS)
-        row_offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N
-        r, lw, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, row_offs + cols[None, :])
-        do = tl.load(dout_ptr + row_offs + vcols[None, :]).to(tl.float32)
+        S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile)
+        offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+        r = tl.load(r_ptr + offs).to(tl.float32)
+        lw = tl.load(w_ptr + offs).to(tl.float32)
+        k = tl.load(k_ptr + offs).to(tl.float32)
+        v = tl.load(v_ptr + offs).to(tl.float32)
+        a = tl.load(a_ptr + offs).to(tl.float32)
+        b = tl.load(b_ptr + offs).to(tl.float32)
+        do = tl.load(dout_ptr + offs).to(tl.float32)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
         cont = (seg == 0)[:, None]
-        du = (tl.dot(tl.trans(m_rb), do, input_precision=PREC)
-              + tl.dot(b * tail, tl.trans(dS), input_precision=PREC))
-        dy = tl.dot(tl.trans(inv), du, input_precision=PREC)
-        dS_prev = (tl.dot(tl.trans(tl.where(cont, do, 0.0)), rp, input_precision=PREC)
-                   + tl.dot(tl.trans(tl.where(cont, dy, 0.0)), ap, input_precision=PREC))
-        carried = dS * tl.exp(c_end)[None, :]
+        bbar = b * tail
+        kbar = k * tail
+        # forward again: u
+        y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
+        enter = S
         restarted = False
         if RESETS:
-            if tl.max(seg, axis=0) > 0:  # later segments (and the chunk's end) came from the initial state
-                dfirst += (tl.dot(tl.trans(tl.where(cont, 0.0, do)), rp, input_precision=PREC)
-                           + tl.dot(tl.trans(tl.where(cont, 0.0, dy)), ap, input_precision=PREC) + carried)
+            if tl.max(seg, axis=0) > 0:  # later segments (and the chunk's end) come from the initial state
+                y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
+                enter = first
                 restarted = True
-        if not restarted:
+        y += tl.dot(m_ak, v, input_precision=PREC)
+        u = tl.dot(inv, y, input_precision=PREC)
+        # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v
+        du = (tl.dot(tl.trans(m_rb), do, input_precision=PREC)
+              + tl.dot(bbar, tl.trans(dS), input_precision=PREC))
+        dy = tl.dot(tl.trans(inv), du, input_precision=PREC)  # u = (I − M_ab)⁻¹ y
+        dm_ab = tl.dot(dy, tl.trans(u), input_precision=PREC) * strict
+        dm_ak = tl.dot(dy, tl.trans(v), input_precision=PREC) * strict
+        dm_rb = tl.dot(do, tl.trans(u), input_precision=PREC) * incl
+        dm_rk = tl.dot(do, tl.trans(v), input_precision=PREC) * incl
+        dv = (tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
+              + tl.dot(kbar, tl.trans(dS), input_precision=PREC))
+        do_c = tl.where(cont, do, 0.0)
+        dy_c = tl.where(cont, dy, 0.0)
+        drp = (tl.dot(do_c, S, input_precision=PREC) + tl.dot(dm_rb, bh, input_precision=PREC)
+               + tl.dot(dm_rk, kh, input_precision=PREC))
+        dap = (tl.dot(dy_c, S, input_precision=PREC) + tl.dot(dm_ab, bh, input_precision=PREC)
+               + tl.dot(dm_ak, kh, input_precision=PREC))
+        dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
+                   + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
+        if restarted:
+            do_f = tl.where(cont, 0.0, do)
+            dy_f = tl.where(cont, 0.0, dy)
+            drp += tl.dot(do_f, first, input_precision=PREC)
+            dap += tl.dot(dy_f, first, input_precision=PREC)
+            dfirst += (tl.dot(tl.trans(do_f), rp, input_precision=PREC)
+                       + tl.dot(tl.trans(dy_f), ap, input_precision=PREC))
+        dbh = tl.dot(tl.trans(dm_ab), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rb), rp, input_precision=PREC)
+        dkh = tl.dot(tl.trans(dm_ak), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rk), rp, input_precision=PREC)
+        dbbar = tl.dot(u, dS, input_precision=PREC)
+        dkbar = tl.dot(v, dS, input_precision=PREC)
+        decay_end = tl.exp(c_end)
+        dc_end = tl.sum(dS * enter, axis=0) * decay_end + tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
+        carried = dS * decay_end[None, :]
+        if restarted:
+            dfirst += carried
+        else:
             dS_prev += carried
+        dc = (drp * rp - dbh * bh - dkh * kh - dbbar * bbar - dkbar * kbar
+              + tl.where((rows == L - 1)[:, None], dc_end[None, :], 0.0))
+        dlw = (tl.dot(tl.trans(incl), dc, input_precision="ieee")
+               + tl.dot(tl.trans(strict), dap * ap, input_precision="ieee"))
+        tl.store(dr_ptr + offs, (drp * tl.exp(c)).to(dr_ptr.dtype.element_ty))
+        tl.store(dw_ptr + offs, dlw.to(dw_ptr.dtype.element_ty))
+        tl.store(dk_ptr + offs, (dkh * grow + dkbar * tail).to(dk_ptr.dtype.element_ty))
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
+        tl.store(da_ptr + offs, (dap * tl.exp(cex)).to(da_ptr.dtype.element_ty))
+        tl.store(db_ptr + offs, (dbh * grow + dbbar * tail).to(db_ptr.dtype.element_ty))
         dS = dS_prev
     tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
-
-
-@triton.jit
-def _bwd_grads(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr, dout_ptr, dsend_ptr,
-               dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-               T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
-               RESETS: tl.constexpr, PREC: tl.constexpr):
-    """Backward, pass 2 (grid B·H·T/L, every chunk at once): from the state at the chunk's start and dS at its
-    end, the gradients of r, log decay, k, v, a, b within the chunk."""
-    NC: tl.constexpr = T // L
-    pid = tl.program_id(0) // NC  # = batch row * H + head
-    ci = tl.program_id(0) % NC
-    b_idx = pid // H
-    h_idx = pid % H
-    rows = tl.arange(0, L)
-    cols = tl.arange(0, N)
-    tile = cols[:, None] * N + cols[None, :]
-    S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile)
-    dS = tl.load(dsend_ptr + (pid * NC + ci) * N * N + tile)
-    offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
-    r, lw, k, a, b = _load_keys(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offs)
-    v = tl.load(v_ptr + offs).to(tl.float32)
-    do = tl.load(dout_ptr + offs).to(tl.float32)
-    seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
-    (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk,
-     inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
-    cont = (seg == 0)[:, None]
-    bbar = b * tail
-    kbar = k * tail
-    # the forward's u again
-    y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
-    do_c = tl.where(cont, do, 0.0)
-    enter = S
-    first = S
-    if RESETS:
-        if tl.max(seg, axis=0) > 0:
-            first = tl.load(s0_ptr + pid * N * N + tile)
-            y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
-            enter = first
-    y += tl.dot(m_ak, v, input_precision=PREC)
-    u = tl.dot(inv, y, input_precision=PREC)
-    # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v
-    du = tl.dot(tl.trans(m_rb), do, input_precision=PREC) + tl.dot(bbar, tl.trans(dS), input_precision=PREC)
-    dy = tl.dot(tl.trans(inv), du, input_precision=PREC)  # u = (I − M_ab)⁻¹ y
-    dm_ab = tl.dot(dy, tl.trans(u), input_precision=PREC) * strict
-    dm_ak = tl.dot(dy, tl.trans(v), input_precision=PREC) * strict
-    dm_rb = tl.dot(do, tl.trans(u), input_precision=PREC) * incl
-    dm_rk = tl.dot(do, tl.trans(v), input_precision=PREC) * incl
-    dv = (tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
-          + tl.dot(kbar, tl.trans(dS), input_precision=PREC))
-    drp = (tl.dot(do_c, S, input_precision=PREC) + tl.dot(dm_rb, bh, input_precision=PREC)
-           + tl.dot(dm_rk, kh, input_precision=PREC))
-    dap = (tl.dot(tl.where(cont, dy, 0.0), S, input_precision=PREC) + tl.dot(dm_ab, bh, input_precision=PREC)
-           + tl.dot(dm_ak, kh, input_precision=PREC))
-    if RESETS:
-        if tl.max(seg, axis=0) > 0:
-            drp += tl.dot(tl.where(cont, 0.0, do), first, input_precision=PREC)
-            dap += tl.dot(tl.where(cont, 0.0, dy), first, input_precision=PREC)
-    dbh = tl.dot(tl.trans(dm_ab), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rb), rp, input_precision=PREC)
-    dkh = tl.dot(tl.trans(dm_ak), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rk), rp, input_precision=PREC)
-    dbbar = tl.dot(u, dS, input_precision=PREC)
-    dkbar = tl.dot(v, dS, input_precision=PREC)
-    dc_end = tl.sum(dS * enter, axis=0) * tl.exp(c_end) + tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
-    dc = (drp * rp - dbh * bh - dkh * kh - dbbar * bbar - dkbar * kbar
-          + tl.where((rows == L - 1)[:, None], dc_end[None, :], 0.0))
-    dlw = tl.dot(tl.trans(incl), dc, input_precision="ieee") + tl.dot(tl.trans(strict), dap * ap, input_precision="ieee")
-    tl.store(dr_ptr + offs, (drp * tl.exp(c)).to(dr_ptr.dtype.element_ty))
-    tl.store(dw_ptr + offs, dlw.to(dw_ptr.dtype.element_ty))
-    tl.store(dk_ptr + offs, (dkh * grow + dkbar * tail).to(dk_ptr.dtype.element_ty))
-    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
-    tl.store(da_ptr + offs, (dap * tl.exp(cex)).to(da_ptr.dtype.element_ty))
-    tl.store(db_ptr + offs, (dbh * grow + dbbar * tail).to(db_ptr.dtype.element_ty))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -282,40 +257,35 @@ class _ChunkWKV7(torch.autograd.Function):
                 s0: Tensor, starts: Tensor | None) -> tuple[Tensor, Tensor]:
         B, T, H, N = r.shape
         settings = launch_settings()
-        L, block_v = settings["chunk"], settings["block_v"]
-        if N % block_v:
-            raise ValueError(f"block_v={block_v} must divide the head size {N}")
+        L = settings["chunk"]
         inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
         s0 = s0.float().contiguous()
         flags = (torch.empty(0, dtype=torch.int8, device=r.device) if starts is None
                  else starts.to(torch.int8).contiguous())
+        save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
-        ckpt = torch.empty(B, H, T // L, N, N, device=r.device, dtype=torch.float32)
+        ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device, dtype=torch.float32)
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
-        grid = (B * H, N // block_v)
-        _fwd[grid](*inputs, s0, flags, out, ckpt, final, T, H, N, block_v, L, log2l, starts is not None,
-                   _precision(r.dtype), num_warps=settings["fwd_warps"])
-        ctx.save_for_backward(*inputs, s0, flags, ckpt)
-        ctx.launch = grid, L, log2l, starts is not None, settings
+        _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
+                       _precision(r.dtype), num_warps=settings["fwd_warps"])
+        if save:
+            ctx.save_for_backward(*inputs, s0, flags, ckpt)
+            ctx.launch = L, log2l, starts is not None, settings["bwd_warps"]
         return out, final
 
     @staticmethod
     def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         r, log_decay, k, v, a, b, s0, flags, ckpt = ctx.saved_tensors
-        grid, L, log2l, resets, settings = ctx.launch
+        L, log2l, resets, num_warps = ctx.launch
         B, T, H, N = r.shape
-        prec = _precision(r.dtype)
         dout = dout.contiguous()
         dfinal = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dfinal is None
                   else dfinal.float().contiguous())
-        dsend = torch.empty_like(ckpt)
-        ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-        _bwd_state[grid](r, log_decay, k, a, b, flags, dout, dfinal, dsend, ds0, T, H, N, N // grid[1],
-                         L, log2l, resets, prec, num_warps=settings["state_warps"])
         grads = [torch.empty_like(x) for x in (r, log_decay, k, v, a, b)]
-        _bwd_grads[(B * H * (T // L),)](r, log_decay, k, v, a, b, s0, flags, ckpt, dout, dsend, *grads,
-                                        T, H, N, L, log2l, resets, prec, num_warps=settings["grad_warps"])
+        ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, ckpt, dout, dfinal, *grads, ds0,
+                       T, H, N, L, log2l, resets, _precision(r.dtype), num_warps=num_warps)
         return (*grads, ds0, None)
 
 
