@@ -511,8 +511,8 @@ def main() -> int:
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
-    parser.add_argument("--wkv", default="", help="comma list of WKV kernels (fla, chunk, triton); default: auto (fla, or "
-                                                   "triton with --pack on; the reference on CPU)")
+    parser.add_argument("--wkv", default="", help="comma list of WKV kernels (fla, chunk, triton); default: auto "
+                                                   "(TrainParams.wkv_kernel; the reference on CPU)")
     parser.add_argument("--pack", default="off", help="comma list of on, off (TrainParams.pack)")
     parser.add_argument("--emb-host", default="on", choices=("on", "off"),
                         help="TrainParams.embedding_on_host (off: the embedding table on the GPU)")

@@ -155,9 +155,10 @@ def train(model: Path = MODEL_OPTION,
                                                  "CUDA graph (default auto: on for CUDA in bf16)"),
           pack: bool | None = typer.Option(None, "--pack/--no-pack",
                                            help="micro-batches of micro_bsz rows × ctx_len tokens, packed with whole "
-                                                "dialogues (CUDA: our Triton WKV kernel; best for short dialogues)"),
-          wkv_kernel: str | None = typer.Option(None, help="CUDA WKV kernel: auto, fla or triton "
-                                                "(default auto: triton with --pack, else fla)"),
+                                                "dialogues (best for short dialogues)"),
+          wkv_kernel: str | None = typer.Option(None, help="CUDA WKV kernel: auto, chunk, triton or fla "
+                                                "(default auto: chunk, or fla for varlen batches without CUDA graphs "
+                                                "or --pack)"),
           distill_prompt: str | None = typer.Option(None, help="learn a state that acts like this system prompt"),
           seed: int | None = typer.Option(None, help="seed for data order (default 42)"),
           device: str | None = typer.Option(None, help="auto, cpu or cuda (default auto)"),

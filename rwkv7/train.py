@@ -89,10 +89,11 @@ class TrainParams(BaseModel):
                             "packed into fixed rows, or padded to widths in steps of 32 tokens); auto: on for "
                             "CUDA in bf16 without distill_prompt, off elsewhere; on: also int8/nf4 (an error on CPU)")
     wkv_kernel: Literal["auto", "fla", "chunk", "triton"] = Field(
-        "auto", description="CUDA WKV-7 kernel for training: fla (flash-linear-attention's chunk kernel, the "
-                            "fastest measured), chunk or triton (ours, chunked on tensor cores or step by step; they restart "
-                            "sequences mid-row, which pack needs); "
-                            "auto: triton with pack, else fla. CPU always runs the reference")
+        "auto", description="CUDA WKV-7 kernel for training: chunk (ours, chunked on tensor cores: the fastest "
+                            "measured; restarts sequences mid-row, which pack needs), triton (ours, step by step) or "
+                            "fla (flash-linear-attention's chunk kernel; the only one that runs varlen batches in one "
+                            "launch). auto: fla for varlen batches (no CUDA graphs and no pack), else chunk. CPU "
+                            "always runs the reference")
     pack: bool = Field(False, description="pack whole samples into micro_bsz rows of ctx_len tokens per "
                                           "micro-batch (the model restarts from the tuned state at each sample: "
                                           "almost no padding, one batch shape); off: micro_bsz samples per "
@@ -325,8 +326,8 @@ def batch_layout(p: TrainParams, device: torch.device, graphs: bool) -> BatchLay
         if p.wkv_kernel != "auto":
             raise TrainingError(f"wkv_kernel: {p.wkv_kernel} needs CUDA; on CPU the reference runs (use auto)")
         wkv = "reference"
-    elif p.wkv_kernel == "auto":
-        wkv = "triton" if p.pack else "fla"
+    elif p.wkv_kernel == "auto":  # fla for varlen batches (cu_seqlens: ours would loop over the sequences)
+        wkv = "chunk" if p.pack or graphs else "fla"
     else:
         wkv = p.wkv_kernel
     if p.pack and wkv == "fla":

@@ -254,7 +254,7 @@ class StateTuner(L.LightningModule):
         `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing).
         `cuda_graphs`: training batches (fixed shapes: padded or row-packed) run through `dense_loss` captured in a
         CUDA graph per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
-        `wkv_backend`: the WKV kernel every block uses (e.g. "triton", which packed rows need).
+        `wkv_backend`: the WKV kernel every block uses (e.g. "chunk", which also restarts packed rows).
         All are undone in on_fit_end, so the model class stays free of training concerns.
         """
         for block in self.model.blocks:

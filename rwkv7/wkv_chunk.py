@@ -121,8 +121,7 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
     cols = tl.arange(0, N)
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
-    first = tl.load(s0_ptr + pid * N * N + tile)
-    S = first
+    S = tl.load(s0_ptr + pid * N * N + tile)
     for ci in range(NC):
         if SAVE:
             tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S)
@@ -142,6 +141,7 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
         enter = S
         if RESETS:
             if tl.max(seg, axis=0) > 0:  # a restart in this chunk: later segments start from the initial state
+                first = tl.load(s0_ptr + pid * N * N + tile)  # read where needed: registers stay free
                 y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
                 o += tl.dot(tl.where(cont, 0.0, rp), tl.trans(first), input_precision=PREC)
                 enter = first
@@ -166,7 +166,6 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
     cols = tl.arange(0, N)
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
-    first = tl.load(s0_ptr + pid * N * N + tile)
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
     dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
     for i in range(NC):
@@ -192,6 +191,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         restarted = False
         if RESETS:
             if tl.max(seg, axis=0) > 0:  # later segments (and the chunk's end) come from the initial state
+                first = tl.load(s0_ptr + pid * N * N + tile)
                 y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
                 enter = first
                 restarted = True
@@ -216,6 +216,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
                    + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
         if restarted:
+            first = tl.load(s0_ptr + pid * N * N + tile)
             do_f = tl.where(cont, 0.0, do)
             dy_f = tl.where(cont, 0.0, dy)
             drp += tl.dot(do_f, first, input_precision=PREC)

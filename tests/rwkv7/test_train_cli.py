@@ -209,8 +209,9 @@ def test_wkv_kernel_and_packing_resolve_per_device_and_refuse_what_cannot_run() 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plain, packed = TrainParams(ctx_len=512, micro_bsz=8), TrainParams(ctx_len=512, micro_bsz=8, pack=True)
     assert batch_layout(plain, cpu, graphs=False) == BatchLayout(cpu, False, "reference", False)
-    assert batch_layout(plain, cuda, graphs=True) == BatchLayout(cuda, True, "fla", False)  # the faster kernel
-    assert batch_layout(packed, cuda, graphs=True) == BatchLayout(cuda, True, "triton", True)  # restarts mid-row
+    assert batch_layout(plain, cuda, graphs=True) == BatchLayout(cuda, True, "chunk", False)  # the fastest kernel
+    assert batch_layout(plain, cuda, graphs=False) == BatchLayout(cuda, False, "fla", False)  # varlen in one launch
+    assert batch_layout(packed, cuda, graphs=False) == BatchLayout(cuda, False, "chunk", True)  # restarts mid-row
     assert batch_layout(packed, cpu, graphs=False) == BatchLayout(cpu, False, "reference", True)
     assert batch_layout(TrainParams(wkv_kernel="triton"), cuda, graphs=True).wkv == "triton"
     sampler, collate = training_batches(packed, [100, 300, 512], batch_layout(packed, cuda, graphs=True))
