@@ -17,8 +17,8 @@
 #              them and with fla
 #       pack   one GPU: 1.5B (a), (c) with fla on padded batches and with our Triton kernel on packed rows
 #       verify one GPU: the Triton GPU tests and check (default launch setting), 1.5B (c) packed, compile on/off
-#       chunk  one GPU: our chunked kernel checked (bf16, fp32) and timed per launch setting, its GPU tests; then
-#              1.5B (c) packed and (a) trained with it, with graphs + compile
+#       chunk  one GPU: our chunked kernel's GPU tests, its check (bf16, fp32) and time per launch setting; then
+#              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
@@ -220,14 +220,15 @@ case "$PLAN" in
     TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
     ;;
-  chunk)  # one GPU: the chunked kernel's check and launch-setting sweep, fla's time, then training rows
-    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16,fwd_warps=4,bwd_warps=8;chunk=16,fwd_warps=2,bwd_warps=8;chunk=16,fwd_warps=4,bwd_warps=16}" \
-      wkv_check 0 200 bf16,fp32 chunk
-    CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_wkv_triton.py -k chunked > "$OUT/gpu_tests.log" 2>&1
+  chunk)  # one GPU: the chunked kernel's GPU tests (kernels, graphed packed rows), its check (bf16, fp32) and time
+           # per launch setting (TRITON_CONFIGS), then 1.5B (c) packed and (a) with it, and (a) with fla
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_wkv_triton.py tests/rwkv7/test_tuning.py -k "chunk" > "$OUT/gpu_tests.log" 2>&1
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --wkv chunk --pack on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv chunk
+    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16,fwd_warps=4,bwd_warps=8}" wkv_check 0 150 bf16,fp32 chunk
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv fla
     ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on

@@ -337,7 +337,9 @@ class Batch:
     Padded: `tokens, targets [B, T]` LongTensor, `loss_mask [B, T]` bool, `cu_seqlens` None.
     Packed: `tokens, targets, loss_mask [1, total]` and `cu_seqlens [S+1]` LongTensor (sequence boundaries).
     Packed rows: `tokens, targets, loss_mask [R, W]` and `starts [R, W]` bool (True where a sample begins;
-    the rest of a row after its last sample is padding).
+    the rest of a row after its last sample is padding), and `scored [K]`: the flat indices of the masked-in
+    positions, padded with −1 to a multiple of W (`scored_positions`), so that a CUDA graph per K sends only
+    those through the head.
     `n_real` is the number of non-padding input tokens, `n_targets` the number of masked-in targets, `n_samples`
     the number of samples (all known on the host, so a trainer need not read them back from the GPU).
     """
@@ -350,6 +352,7 @@ class Batch:
     n_targets: int
     starts: Tensor | None = None
     n_samples: int = 0
+    scored: Tensor | None = None
 
     @property
     def n_sequences(self) -> int:
@@ -409,4 +412,17 @@ def pack_rows_collate(samples: Sequence[Sample], width: int, rows: int) -> Batch
             starts[row, col] = True
             col += _put(samples[i], tokens, targets, mask, row, col)
     n_real = sum(s.n_inputs for s in samples)
-    return Batch(tokens, targets, mask, None, n_real, int(mask.sum()), starts=starts, n_samples=len(samples))
+    return Batch(tokens, targets, mask, None, n_real, int(mask.sum()), starts=starts, n_samples=len(samples),
+                 scored=scored_positions(mask, step=width))
+
+
+def scored_positions(mask: Tensor, step: int) -> Tensor:
+    """Flat indices of the True positions of `mask`, padded with −1 up to a multiple of `step` (at most
+    `mask.numel()` in all): a handful of sizes, so the positions whose loss counts can go through the head
+    alone inside fixed-shape CUDA graphs.
+    >>> scored_positions(torch.tensor([[False, True, True], [True, False, False]]), step=2).tolist()
+    [1, 2, 3, -1]
+    """
+    index = mask.flatten().nonzero().squeeze(1)
+    size = min(mask.numel(), -(-max(index.numel(), 1) // step) * step)
+    return torch.cat((index, index.new_full((size - index.numel(),), -1)))

@@ -178,14 +178,29 @@ class StateTuner(L.LightningModule):
         return _chunked_head_loss(fn, self.model.head, self.optim.loss_chunk, rows, others), n
 
     def dense_loss(self, state_wkv: Tensor, x: Tensor, targets: Tensor, weights: Tensor,
-                   starts: Tensor | None = None) -> Tensor:
-        """Summed cross-entropy over all `[B, T]` positions of embedded rows `x [B, T, C]`, weighted by
+                   starts: Tensor | None = None, scored: Tensor | None = None) -> Tensor:
+        """Summed cross-entropy over the `[B, T]` positions of embedded rows `x [B, T, C]`, weighted by
         `weights` (the loss mask as 0/1 floats): `batch_loss` without any data-dependent shape, so it can be
-        captured in a CUDA graph (every position goes through the head; masked ones count zero). `starts`: rows
-        of packed samples (`rwkv7.data.pack_rows_collate`)."""
+        captured in a CUDA graph. `starts`: rows of packed samples (`rwkv7.data.pack_rows_collate`). Without
+        `scored` every position goes through the head (masked ones count zero); with `scored [K]` (flat
+        positions) only those do, and `targets, weights` are `[K]` (see `graph_inputs`)."""
         hidden, _ = self.model.run_blocks(x, RWKVState.from_wkv(state_wkv), starts=starts)
-        return _chunked_head_loss(_chunk_ce_weighted, self.model.head, self.optim.loss_chunk, hidden.flatten(0, 1),
+        hidden = hidden.flatten(0, 1)
+        if scored is not None:
+            hidden = hidden.index_select(0, scored)
+        return _chunked_head_loss(_chunk_ce_weighted, self.model.head, self.optim.loss_chunk, hidden,
                                   targets.flatten(), weights.flatten())
+
+    def graph_inputs(self, batch: Batch) -> tuple[Tensor, ...]:
+        """`dense_loss`'s inputs after the state for a padded or row-packed batch. Packed rows (`batch.scored`)
+        send only their scored positions through the head: padding entries (−1) read position 0 at weight 0."""
+        x = self.model.embed(batch.tokens)
+        if batch.starts is None:
+            return x, batch.targets, batch.loss_mask.float()
+        if batch.scored is None:
+            return x, batch.targets, batch.loss_mask.float(), batch.starts
+        keep = batch.scored.clamp(min=0)
+        return x, batch.targets.flatten()[keep], (batch.scored >= 0).float(), batch.starts, keep
 
     def _teacher_state(self) -> RWKVState:
         if self._teacher is None:
@@ -199,10 +214,7 @@ class StateTuner(L.LightningModule):
         """`batch_loss` of a padded or row-packed batch through the CUDA graph of its shape (captured on first
         sight)."""
         assert self._graphed is not None and batch.cu_seqlens is None and self.distill_prefix is None
-        inputs = (self.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
-        if batch.starts is not None:
-            inputs += (batch.starts,)
-        return self._graphed(self.state_wkv, *inputs), batch.n_targets
+        return self._graphed(self.state_wkv, *self.graph_inputs(batch)), batch.n_targets
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss_sum, n = self.graphed_loss(batch) if self._graphed is not None else self.batch_loss(batch)

@@ -154,5 +154,6 @@ def test_pack_rows_collate_lays_samples_out_with_their_starts() -> None:
     assert batch.loss_mask.tolist() == [[False, True, True, True, True], [True, True, True, True, False]]
     assert batch.starts.tolist() == [[True, False, False, True, False], [True, False, False, False, False]]
     assert (batch.n_real, batch.n_targets, batch.n_sequences, batch.cu_seqlens) == (9, 8, 3, None)
+    assert batch.scored.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, -1, -1]  # scored positions, padded to rows of 5
     with pytest.raises(ValueError, match="do not fit 1 rows of 5 tokens"):
         pack_rows_collate(samples, width=5, rows=1)

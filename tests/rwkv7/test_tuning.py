@@ -96,7 +96,13 @@ def test_dense_and_row_packed_losses_equal_the_masked_loss_and_its_state_gradien
         return (module.dense_loss(module.state_wkv, x, batch.targets, batch.loss_mask.float(), batch.starts),
                 batch.n_targets)
 
-    variants = (lambda m: m.batch_loss(pad_collate(samples)), padded_dense, rows_dense,
+    def rows_scored(module: StateTuner) -> tuple[torch.Tensor, int]:
+        """What the graph runs for packed rows: only the scored positions (28 of 40, padded to 40) reach the head."""
+        batch = pack_rows_collate(samples, width=20, rows=2)
+        assert batch.scored is not None and batch.scored.shape == (40,) and (batch.scored >= 0).sum() == 28
+        return module.dense_loss(module.state_wkv, *module.graph_inputs(batch)), batch.n_targets
+
+    variants = (lambda m: m.batch_loss(pad_collate(samples)), padded_dense, rows_dense, rows_scored,
                 lambda m: m.batch_loss(pack_rows_collate(samples, width=20, rows=2)))
     results = []
     for variant in variants:
@@ -257,15 +263,16 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, Triton)")
-def test_cuda_graph_replays_of_packed_rows_through_our_triton_kernel_match_eager_steps() -> None:
-    """Packed rows (one shape, restarts at each sample) captured once with the Triton WKV kernel: each replay
-    gives the eager loss and state gradient, and the eager loss equals the masked loss of the same samples
-    padded one per row."""
+@pytest.mark.parametrize("backend", ["chunk", "triton"])
+def test_cuda_graph_replays_of_packed_rows_through_our_kernels_match_eager_steps(backend: str) -> None:
+    """Packed rows (one shape of rows, restarts at each sample; one graph per number of scored positions)
+    captured with our WKV kernels: each replay gives the eager loss and state gradient, and the eager loss equals
+    the masked loss of the same samples padded one per row."""
     pytest.importorskip("triton")
     sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=0)
     module = StateTuner(build_model(sd, inspect_checkpoint(sd), device="cuda"),
                         OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=True, loss_chunk=256,
-                                      cuda_graphs=True, wkv_backend="triton"))
+                                      cuda_graphs=True, wkv_backend=backend))
     module.on_fit_start()
     g = torch.Generator().manual_seed(0)
     for step in range(3):
@@ -276,7 +283,8 @@ def test_cuda_graph_replays_of_packed_rows_through_our_triton_kernel_match_eager
         eager = _replay_matches_eager(module, batch)
         per_sample = module.batch_loss(_on_cuda(pad_collate(samples)))[0]  # not packed, same backend
         assert eager.item() == pytest.approx(per_sample.item(), rel=2e-2)
-    assert [s[0] for s in module._graphed.shapes] == [(3, 128, 128)]
+    assert {s[0] for s in module._graphed.shapes} == {(3, 128, 128)}
+    assert all(s[1][0] % 128 == 0 for s in module._graphed.shapes)  # scored positions in steps of a row
     module.on_fit_end()
 
 
@@ -287,8 +295,7 @@ def _on_cuda(batch: Batch) -> Batch:
 def _replay_matches_eager(module: StateTuner, batch: Batch) -> torch.Tensor:
     """The graphed loss of `batch` (captured on first sight) equals the eager `dense_loss` in value and state
     gradient; the eager loss's autograd graph stays alive during a capture (no harm). Returns the eager loss."""
-    inputs = (module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
-    eager = module.dense_loss(module.state_wkv, *inputs, *(() if batch.starts is None else (batch.starts,)))
+    eager = module.dense_loss(module.state_wkv, *module.graph_inputs(batch))
     (eager_grad,) = torch.autograd.grad(eager, module.state_wkv, retain_graph=True)
     module.state_wkv.grad = None
     graphed, n = module.graphed_loss(batch)
