@@ -28,7 +28,7 @@ five (`loss_last5`). Prints one table last and appends rows to `--json`.
 Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
 `--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
 or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`; `--emb-host off` keeps the embedding
-table on the GPU; `--wkv fla,triton` picks the WKV kernel (TrainParams.wkv_kernel; default auto);
+table on the GPU; `--wkv chunk,fla,triton` picks the WKV kernel (TrainParams.wkv_kernel; default auto);
 `--pack on,off` (TrainParams.pack: samples packed into fixed rows that restart at each sample; default off).
 `--devices 2` runs the row through Lightning DDP (tokens/s then counts all ranks).
 On CPU (`--device cpu`, tiny `--models tiny`) the same code runs through the reference WKV: a smoke test.

@@ -46,10 +46,11 @@ from torch import Tensor
 T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled kernel per 64 tokens of length)
 # Launch settings: chunk length and warps per program of each kernel. STATETUNE_WKV_CHUNK="chunk=32,fwd_warps=4"
 # overrides them (bench/gpu_check_wkv.py --configs sweeps them). H200, bf16 B8 T512 H32, forward + backward per
-# layer (2026-11-29, calls M and N): chunk 16 with 4 / 8 warps 1.65 ms, with 4 / 4 1.87 ms; chunk 32 and 64 need
-# more shared memory than an H200 has. A second version that split value rows over programs and computed the
-# gradients of all chunks at once was slower (1.79-1.81 ms alone, 43.7 vs 34.5 ms per packed training step):
-# the per-chunk terms that do not depend on the state dominate, and it computed them twice or three times.
+# layer, launched one by one (2026-11-29, calls M, O, P): chunk 16 with 4 / 8 warps 1.37-1.65 ms (fla: 2.7-3.2 ms),
+# 2 / 8 warps 1.57 ms, 4 / 4 1.87 ms, 4 / 16 3.10 ms; chunks of 32 and 64 need more shared memory than an H200 has
+# (241-295 KB). A version that split value rows over programs and computed the gradients of all chunks at once was
+# slower (1.79-2.99 ms; call N): the per-chunk terms that do not depend on the state dominate, and it computed
+# them two or three times.
 SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
@@ -216,7 +217,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
                    + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
         if restarted:
-            first = tl.load(s0_ptr + pid * N * N + tile)
+            first = tl.load(s0_ptr + pid * N * N + tile)  # again: holding it across the chunk costs registers
             do_f = tl.where(cont, 0.0, do)
             dy_f = tl.where(cont, 0.0, dy)
             drp += tl.dot(do_f, first, input_precision=PREC)
@@ -259,6 +260,9 @@ class _ChunkWKV7(torch.autograd.Function):
         B, T, H, N = r.shape
         settings = launch_settings()
         L = settings["chunk"]
+        if B * H * (T // L) * N * N >= 2**31:  # the kernels' offsets are 32-bit (the largest: chunk-start states)
+            raise ValueError(f"WKV input [B={B}, T={T}, H={H}] is too large for the chunked kernels' 32-bit offsets; "
+                             "use fewer rows per micro-batch or a shorter ctx_len")
         inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
         s0 = s0.float().contiguous()
         flags = (torch.empty(0, dtype=torch.int8, device=r.device) if starts is None

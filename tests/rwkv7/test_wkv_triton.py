@@ -152,3 +152,15 @@ def test_compiled_chunked_kernels_match_the_reference_on_the_gpu(dtype: str, lim
     errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda", backend="chunk",
                   restarts=[[0, 50, 64, 130], [0], [0, 199]])
     assert all(e < limit for e in errs.values()), errs
+
+
+def test_chunked_kernels_refuse_inputs_beyond_their_32_bit_offsets() -> None:
+    """Checked before any memory is allocated or any kernel launched (meta tensors carry only shapes)."""
+    import torch
+
+    from rwkv7.wkv_chunk import wkv7_chunk
+
+    B, T, H = 256, 4096, 40  # chunk-start states: 256 · 40 · 256 · 64 · 64 elements > 2³¹
+    xs = [torch.empty(B, T, H, 64, device="meta") for _ in range(6)]
+    with pytest.raises(ValueError, match="too large for the chunked kernels' 32-bit offsets"):
+        wkv7_chunk(*xs, torch.empty(1, H, 64, 64, device="meta"))
