@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 BACKENDS = ("reference", "fla", "triton", "chunk")
@@ -36,6 +37,34 @@ FUSED_RECURRENT_MAX_T = 64
 FLA_LOG_DECAY_BOUND = -0.61
 FLA_CHUNK_ENV = "STATETUNE_FLA_CHUNK"  # "16": fla's default small chunks without the bound (for comparisons)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("wkv_backend", default=None)
+
+
+def env_settings(defaults: dict[str, int], env: str, example: str) -> dict[str, int]:
+    """Integer launch settings of one of our kernels: `defaults`, overridden by `env` ("key=value,…" with keys
+    from `defaults`; `example` shows the form in the error)."""
+    settings = dict(defaults)
+    for item in filter(None, os.environ.get(env, "").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in settings or not value.strip().isdigit():
+            raise ValueError(f"{env}={os.environ[env]!r}: expected e.g. {example!r}")
+        settings[key.strip()] = int(value)
+    return settings
+
+
+def run_padded(kernel: Callable[..., tuple[Tensor, Tensor]], step: int, r: Tensor, log_decay: Tensor, k: Tensor,
+               v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor, starts: Tensor | None
+               ) -> tuple[Tensor, Tensor]:
+    """Run one of our Triton kernels, `kernel(r, log_decay, k, v, a, b, state [B, H, N, N], starts)`, with T padded
+    up to a multiple of `step` (they compile per length) by steps that change nothing: zero r, k, v, a, b and log
+    decay 0 (decay 1) leave the state as it was, so the final state and every gradient are those of the unpadded
+    sequence. Returns `(out [B, T, H, N], final [B, H, N, N])`."""
+    B, T = r.shape[:2]
+    pad = -T % step
+    inputs = [F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x for x in (r, log_decay, k, v, a, b)]
+    if starts is not None and pad:
+        starts = F.pad(starts, (0, pad))
+    out, final = kernel(*inputs, initial_state.expand(B, -1, -1, -1), starts)
+    return (out[:, :T] if pad else out), final
 
 
 class WKVBackendError(RuntimeError):

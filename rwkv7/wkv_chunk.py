@@ -35,13 +35,12 @@ and the inverse always in float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from rwkv7.wkv import env_settings, run_padded
 
 T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled kernel per 64 tokens of length)
 # Launch settings: chunk length and warps per program of each kernel. STATETUNE_WKV_CHUNK="chunk=32,fwd_warps=4"
@@ -57,12 +56,7 @@ SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
 def launch_settings() -> dict[str, int]:
     """The defaults in SETTINGS unless STATETUNE_WKV_CHUNK names others."""
-    settings = dict(SETTINGS)
-    for item in filter(None, os.environ.get(SETTINGS_ENV, "").split(",")):
-        key, _, value = item.partition("=")
-        if key.strip() not in settings or not value.strip().isdigit():
-            raise ValueError(f"{SETTINGS_ENV}={os.environ[SETTINGS_ENV]!r}: expected e.g. 'chunk=32,fwd_warps=4'")
-        settings[key.strip()] = int(value)
+    settings = env_settings(SETTINGS, SETTINGS_ENV, "chunk=32,fwd_warps=4")
     if settings["chunk"] not in (16, 32, 64):
         raise ValueError(f"{SETTINGS_ENV}: chunk must be 16, 32 or 64, got {settings['chunk']}")
     return settings
@@ -134,13 +128,13 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
         a = tl.load(a_ptr + offs).to(tl.float32)
         b = tl.load(b_ptr + offs).to(tl.float32)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
-        (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk,
+        (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
         cont = (seg == 0)[:, None]  # rows that continue from the carried state
         y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
         o = tl.dot(tl.where(cont, rp, 0.0), tl.trans(S), input_precision=PREC)
         enter = S
-        if RESETS:
+        if RESETS:  # noqa: SIM102 - a compile-time branch around a run-time one
             if tl.max(seg, axis=0) > 0:  # a restart in this chunk: later segments start from the initial state
                 first = tl.load(s0_ptr + pid * N * N + tile)  # read where needed: registers stay free
                 y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
@@ -181,7 +175,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         b = tl.load(b_ptr + offs).to(tl.float32)
         do = tl.load(dout_ptr + offs).to(tl.float32)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
-        (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk,
+        (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
         cont = (seg == 0)[:, None]
         bbar = b * tail
@@ -190,7 +184,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
         enter = S
         restarted = False
-        if RESETS:
+        if RESETS:  # noqa: SIM102 - a compile-time branch around a run-time one
             if tl.max(seg, axis=0) > 0:  # later segments (and the chunk's end) come from the initial state
                 first = tl.load(s0_ptr + pid * N * N + tile)
                 y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
@@ -298,14 +292,7 @@ def wkv7_chunk(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b:
                initial_state: Tensor, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`wkv7` without cu_seqlens through the chunked kernels: `(out [B, T, H, N]` in r's dtype`, final [B, H, N, N])`.
 
-    Shapes and `starts` as in `rwkv7.wkv_triton.wkv7_triton`; T is padded up to a multiple of `T_STEP` with steps
-    that change nothing (zero r, k, v, a, b and log decay 0), so the final state and every gradient are those
-    of the unpadded sequence.
+    Shapes and `starts` as in `rwkv7.wkv_triton.wkv7_triton`; T is padded up to a multiple of `T_STEP`
+    (`rwkv7.wkv.run_padded`).
     """
-    B, T = r.shape[:2]
-    pad = -T % T_STEP
-    inputs = [F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x for x in (r, log_decay, k, v, a, b)]
-    if starts is not None and pad:
-        starts = F.pad(starts, (0, pad))
-    out, final = _ChunkWKV7.apply(*inputs, initial_state.expand(B, -1, -1, -1), starts)
-    return (out[:, :T] if pad else out), final
+    return run_padded(_ChunkWKV7.apply, T_STEP, r, log_decay, k, v, a, b, initial_state, starts)

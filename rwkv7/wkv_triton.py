@@ -27,13 +27,12 @@ fla's chunk kernel, but inside a CUDA-graphed training step fla's is faster (BEN
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from rwkv7.wkv import env_settings, run_padded
 
 CHUNK = 16
 T_STEP = 64  # sequence lengths are padded to a multiple of this: one compiled kernel per 64 tokens of length
@@ -50,14 +49,7 @@ SETTINGS_ENV = "STATETUNE_WKV_TRITON"
 
 def launch_settings() -> dict[str, int]:
     """The defaults in SETTINGS unless STATETUNE_WKV_TRITON names others."""
-    settings = dict(SETTINGS)
-    for item in filter(None, os.environ.get(SETTINGS_ENV, "").split(",")):
-        key, _, value = item.partition("=")
-        if key.strip() not in settings or not value.strip().isdigit():
-            raise ValueError(f"{SETTINGS_ENV}={os.environ[SETTINGS_ENV]!r}: expected e.g. "
-                             "'block_v=16,num_warps=1,atomic=0'")
-        settings[key.strip()] = int(value)
-    return settings
+    return env_settings(SETTINGS, SETTINGS_ENV, "block_v=16,num_warps=1,atomic=0")
 
 
 @triton.jit
@@ -257,13 +249,6 @@ def wkv7_triton(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b
     `initial_state` is `[B or 1, H, N, N]`; with `starts [B, T]` (bool) every position flagged starts a new
     sequence from its row's initial state (the final state is then that of each row's last sequence).
     The kernels are compiled per sequence length, so T is padded up to a multiple of `T_STEP` with steps that
-    change nothing: zero r, k, v, a, b and log decay 0 (decay 1) leave the state as it was, so the final state
-    and every gradient are those of the unpadded sequence.
+    change nothing (`rwkv7.wkv.run_padded`).
     """
-    B, T = r.shape[:2]
-    pad = -T % T_STEP
-    inputs = [F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x for x in (r, log_decay, k, v, a, b)]
-    if starts is not None and pad:
-        starts = F.pad(starts, (0, pad))
-    out, final = _WKV7.apply(*inputs, initial_state.expand(B, -1, -1, -1), starts)
-    return (out[:, :T] if pad else out), final
+    return run_padded(_WKV7.apply, T_STEP, r, log_decay, k, v, a, b, initial_state, starts)
