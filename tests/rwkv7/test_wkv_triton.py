@@ -164,3 +164,17 @@ def test_chunked_kernels_refuse_inputs_beyond_their_32_bit_offsets() -> None:
     xs = [torch.empty(B, T, H, 64, device="meta") for _ in range(6)]
     with pytest.raises(ValueError, match="too large for the chunked kernels' 32-bit offsets"):
         wkv7_chunk(*xs, torch.empty(1, H, 64, 64, device="meta"))
+
+
+def test_launch_settings_come_from_the_environment_and_bad_ones_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rwkv7 import wkv_chunk, wkv_triton
+
+    monkeypatch.setenv("STATETUNE_WKV_CHUNK", "chunk=32, bwd_warps=4")
+    assert wkv_chunk.launch_settings() == {**wkv_chunk.SETTINGS, "chunk": 32, "bwd_warps": 4}
+    monkeypatch.setenv("STATETUNE_WKV_TRITON", "atomic=0")
+    assert wkv_triton.launch_settings() == {**wkv_triton.SETTINGS, "atomic": 0}
+    for bad, message in (("chunk=24", "chunk must be 16, 32 or 64"), ("block_v=16", "expected e.g."),
+                         ("chunk=x", "expected e.g.")):
+        monkeypatch.setenv("STATETUNE_WKV_CHUNK", bad)
+        with pytest.raises(ValueError, match=message):
+            wkv_chunk.launch_settings()
