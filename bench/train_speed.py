@@ -117,7 +117,7 @@ class Spec:
     pyprofile: bool = False  # cProfile of PYPROFILE_STEPS steps after warm-up (where the CPU time goes)
     graphs: bool = False  # TrainParams.cuda_graphs on (padded fixed-shape batches, replayed graphs) or off (packed)
     emb_host: bool = True  # TrainParams.embedding_on_host
-    wkv: str = ""  # TrainParams.wkv_kernel (fla, triton); "" = auto
+    wkv: str = ""  # TrainParams.wkv_kernel (chunk, fla, triton); "" = auto
     pack: bool = False  # TrainParams.pack
 
 
@@ -249,7 +249,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
     from rwkv7.quant import reference_codec
     from rwkv7.train import (ShardBatches, TrainParams, _optim, _trainer, batch_layout, configure_cuda_allocator,
-                             training_batches, use_cuda_graphs)
+                             training_batches)
     from rwkv7.tuning import StateTuner
 
     cuda = spec.device == "cuda"
@@ -278,7 +278,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
                          compile=spec.compile, cuda_graphs="on" if spec.graphs else "off",
                          embedding_on_host=spec.emb_host, wkv_kernel=spec.wkv or "auto", pack=spec.pack,
                          bucket_window=16)
-    layout = batch_layout(params, device, use_cuda_graphs(params, device))
+    layout = batch_layout(params, device)
     if layout.pack:
         params = params.model_copy(update={"micro_bsz": w.micro_bsz_packed})
     # Enough samples for every step on every rank (packed rows hold several short samples each).

@@ -190,7 +190,7 @@ def train_state(model_path: str | os.PathLike[str], data_path: str | os.PathLike
         raise TrainingError(f"cannot resume: {last_ckpt} does not exist (start without --resume)")
     L.seed_everything(params.seed, verbose=False)
     device = _device(params.device)
-    layout = batch_layout(params, device, use_cuda_graphs(params, device))  # bad combinations fail before loading
+    layout = batch_layout(params, device)  # bad combinations fail before loading
     configure_cuda_allocator()
     model = _load(model_path, device, params.precision)
     top_id = max(max(s.ids) for s in samples)
@@ -320,8 +320,10 @@ class BatchLayout:
     pack: bool  # whole samples packed into fixed rows that restart at each sample
 
 
-def batch_layout(p: TrainParams, device: torch.device, graphs: bool) -> BatchLayout:
-    """Resolve `wkv_kernel` with `pack` (see TrainParams); combinations that cannot run are a TrainingError."""
+def batch_layout(p: TrainParams, device: torch.device) -> BatchLayout:
+    """Resolve `cuda_graphs`, `wkv_kernel` and `pack` (see TrainParams) for `device`; combinations that cannot
+    run are a TrainingError."""
+    graphs = use_cuda_graphs(p, device)
     if device.type != "cuda":
         if p.wkv_kernel != "auto":
             raise TrainingError(f"wkv_kernel: {p.wkv_kernel} needs CUDA; on CPU the reference runs (use auto)")

@@ -188,14 +188,14 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
                                                                             tmp_path: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_cuda_graphs(TrainParams(), cpu)  # auto: off on CPU, where the padded collate stays plain
-    assert training_batches(TrainParams(), [3, 4], batch_layout(TrainParams(), cpu, graphs=False))[1] is pad_collate
+    assert training_batches(TrainParams(), [3, 4], batch_layout(TrainParams(), cpu))[1] is pad_collate
     assert use_cuda_graphs(TrainParams(), cuda)
     assert not use_cuda_graphs(TrainParams(precision="nf4"), cuda) and use_cuda_graphs(
         TrainParams(precision="nf4", cuda_graphs="on"), cuda)
     assert use_cuda_graphs(TrainParams(devices=2), cuda) and not use_cuda_graphs(TrainParams(cuda_graphs="off"), cuda)
     assert not use_cuda_graphs(TrainParams(distill_prompt="Be NEGA."), cuda)
     fla = TrainParams(ctx_len=512, micro_bsz=3, wkv_kernel="fla")
-    _, collate = training_batches(fla, [3, 4], batch_layout(fla, cuda, graphs=True))
+    _, collate = training_batches(fla, [3, 4], batch_layout(fla, cuda))
     assert collate.keywords == {"multiple": 32, "rows": 3}
     assert graph_width_multiple(512) == 32 and graph_width_multiple(1024) == 64 and graph_width_multiple(4096) == 256
     with pytest.raises(TrainingError, match="cuda_graphs: on needs device cuda"):
@@ -208,18 +208,19 @@ def test_cuda_graphs_resolve_per_device_and_refuse_what_cannot_be_captured(world
 def test_wkv_kernel_and_packing_resolve_per_device_and_refuse_what_cannot_run() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plain, packed = TrainParams(ctx_len=512, micro_bsz=8), TrainParams(ctx_len=512, micro_bsz=8, pack=True)
-    assert batch_layout(plain, cpu, graphs=False) == BatchLayout(cpu, False, "reference", False)
-    assert batch_layout(plain, cuda, graphs=True) == BatchLayout(cuda, True, "chunk", False)  # the fastest kernel
-    assert batch_layout(plain, cuda, graphs=False) == BatchLayout(cuda, False, "fla", False)  # varlen in one launch
-    assert batch_layout(packed, cuda, graphs=False) == BatchLayout(cuda, False, "chunk", True)  # restarts mid-row
-    assert batch_layout(packed, cpu, graphs=False) == BatchLayout(cpu, False, "reference", True)
-    assert batch_layout(TrainParams(wkv_kernel="triton"), cuda, graphs=True).wkv == "triton"
-    sampler, collate = training_batches(packed, [100, 300, 512], batch_layout(packed, cuda, graphs=True))
+    plain_eager, packed_eager = (p.model_copy(update={"cuda_graphs": "off"}) for p in (plain, packed))
+    assert batch_layout(plain, cpu) == BatchLayout(cpu, False, "reference", False)
+    assert batch_layout(plain, cuda) == BatchLayout(cuda, True, "chunk", False)  # the fastest kernel
+    assert batch_layout(plain_eager, cuda) == BatchLayout(cuda, False, "fla", False)  # varlen in one launch
+    assert batch_layout(packed_eager, cuda) == BatchLayout(cuda, False, "chunk", True)  # restarts mid-row
+    assert batch_layout(packed, cpu) == BatchLayout(cpu, False, "reference", True)
+    assert batch_layout(TrainParams(wkv_kernel="triton"), cuda).wkv == "triton"
+    sampler, collate = training_batches(packed, [100, 300, 512], batch_layout(packed, cuda))
     assert isinstance(sampler, PackedBatchSampler) and collate.keywords == {"width": 512, "rows": 8}
     with pytest.raises(TrainingError, match="pack: true needs a WKV kernel that restarts"):
-        batch_layout(TrainParams(pack=True, wkv_kernel="fla"), cuda, graphs=True)
+        batch_layout(TrainParams(pack=True, wkv_kernel="fla"), cuda)
     with pytest.raises(TrainingError, match="wkv_kernel: triton needs CUDA"):
-        batch_layout(TrainParams(wkv_kernel="triton"), cpu, graphs=False)
+        batch_layout(TrainParams(wkv_kernel="triton"), cpu)
 
 
 def test_packed_rows_train_on_cpu_and_count_only_real_tokens(world_model: Path, dialogues: Path,
