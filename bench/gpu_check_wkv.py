@@ -11,8 +11,8 @@ of the chunk size, variable-length packing (cu_seqlens), the decode kernel (fuse
 tiny random RWKV7 model end to end (logits and the gradient of a trainable [L, H, N, N] state).
 Our kernels (chunk, triton) also get rows with restarts mid-row (`starts`).
 Errors: max |fast − ref| and that divided by max |ref|. Prints a table last; exits 1 if any check fails.
-With --bench also times fwd+bwd of the fast kernel first (bf16, B=8, T=512, H=32; median of 20), for Triton
-for ours once per `--configs` launch setting.
+With --bench also times fwd+bwd of the fast kernel first (bf16, B=8, T=512, H=32; median of 20), for ours once
+per `--configs` launch setting.
 """
 
 from __future__ import annotations

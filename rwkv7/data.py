@@ -398,6 +398,7 @@ def pack_collate(samples: Sequence[Sample]) -> Batch:
     lengths = torch.tensor([0] + [s.n_inputs for s in samples])
     return Batch(tokens, targets, mask, torch.cumsum(lengths, 0), int(lengths.sum()), int(mask.sum()))
 
+
 def pack_rows_collate(samples: Sequence[Sample], width: int, rows: int) -> Batch:
     """Lay the samples out in `rows` rows of `width` by `first_fit_rows` (as `PackedBatchSampler` chose them):
     `[rows, width]` tensors plus `starts`, True at each sample's first input; a row's unused tail is padding."""

@@ -181,7 +181,8 @@ class RWKV7(nn.Module):
         can compute the loss chunk by chunk). With `cu_seqlens` (`[S+1]`, B = 1) the row holds S packed
         sequences; token shift and WKV restart at each boundary from the state's row for that sequence.
         With `starts` (bool `[B, T]`) each row may hold several sequences: token shift and WKV restart from the
-        row's state at every flagged position (fixed shapes; needs the "reference" or "triton" WKV backend).
+        row's state at every flagged position (fixed shapes; needs the "reference", "chunk" or "triton" WKV
+        backend).
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B, T] LongTensor, got shape {tuple(tokens.shape)}")

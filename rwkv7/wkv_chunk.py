@@ -6,7 +6,8 @@ Boundary: the same as `rwkv7.wkv_triton.wkv7_triton` (inputs `[B, T, H, N]`, ini
 
     S_t = S_{t-1} (diag(w_t) + a_tᵀ b_t) + v_tᵀ k_t,    o_t = S_t r_tᵀ,    w_t = exp(λ_t)
 
-Within a chunk of L steps that starts from S₀, with c_t = Σ_{s≤t} λ_s (and c⁻_t = c_t − λ_t) and u_t = S_{t-1} a_tᵀ:
+Within a chunk of L steps that starts from S₀, with c_t = Σ_{s≤t} λ_s (and c⁻_t = c_t − λ_t) and
+u_t = S_{t-1} a_tᵀ:
 
     S_t = S₀ diag(e^{c_t}) + Σ_{s≤t} (u_s b_s + v_sᵀ k_s) diag(e^{c_t − c_s})
 

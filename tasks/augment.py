@@ -34,8 +34,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.common import (DataError, ParamsError, StageStats, content_id, load_section, read_jsonl, stage_errors, stage_parser,
-                          write_json, write_jsonl)
+from tasks.common import (DataError, ParamsError, StageStats, content_id, load_section, read_jsonl, stage_errors,
+                          stage_parser, write_json, write_jsonl)
 
 log = logging.getLogger(__name__)
 

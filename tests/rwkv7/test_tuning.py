@@ -253,8 +253,8 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
     module.state_wkv.grad = None
     for batch in (batches[0], batches[2]):
         batch = _on_cuda(batch)
-        args = (module.state_wkv, module.model.embed(batch.tokens), batch.targets, batch.loss_mask.float())
-        expected += torch.autograd.grad(module.dense_loss(*args), module.state_wkv)[0]
+        eager = module.dense_loss(module.state_wkv, *module.graph_inputs(batch))
+        expected += torch.autograd.grad(eager, module.state_wkv)[0]
         module.graphed_loss(batch)[0].backward()
     assert torch.allclose(module.state_wkv.grad, expected, rtol=2e-3, atol=1e-5)
     module.on_fit_end()
