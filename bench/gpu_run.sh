@@ -19,6 +19,7 @@
 #       verify one GPU: the Triton GPU tests and check (default launch setting), 1.5B (c) packed, compile on/off
 #       chunk  one GPU: our chunked kernel's GPU tests, its check (bf16, fp32) and time per launch setting; then
 #              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
+#       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
@@ -219,6 +220,16 @@ case "$PLAN" in
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
+    ;;
+  runahead)  # one GPU: the graph GPU tests (incl. no synchronizing call in a step), then 1.5B (a) and (c) packed
+              # with graphs + compiled blocks, and (a), (c) with the defaults (graphs, no compile: the first step)
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --pack on
     ;;
   chunk)  # one GPU: the chunked kernel's GPU tests (kernels, graphed packed rows), its check (bf16, fp32) and time
            # per launch setting (TRITON_CONFIGS), then 1.5B (c) packed and (a) with it, and (a) with fla

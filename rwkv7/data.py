@@ -362,6 +362,8 @@ class Batch:
     those through the head.
     `n_real` is the number of non-padding input tokens, `n_targets` the number of masked-in targets, `n_samples`
     the number of samples (all known on the host, so a trainer need not read them back from the GPU).
+    `embedded` (`[*tokens.shape, C]`) is empty here: a trainer that looks the embedding rows up on the host puts
+    them there before the batch goes to the GPU.
     """
 
     tokens: Tensor
@@ -373,6 +375,7 @@ class Batch:
     starts: Tensor | None = None
     n_samples: int = 0
     scored: Tensor | None = None
+    embedded: Tensor | None = None
 
     @property
     def n_sequences(self) -> int:

@@ -148,6 +148,7 @@ class EpochStates(Callback):
         self.out_dir, self.model, self.meta = out_dir, model, meta
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StateTuner) -> None:
+        pl_module.settle()  # a NaN in the epoch's last step stops here (on every rank), before a state is written
         if not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch + 1

@@ -11,7 +11,9 @@ chunks of `loss_chunk` rows that are recomputed in backward, so no `[B, T, V]` f
 With CUDA graphs (`cuda_graphs`), `dense_loss` scores every position instead, the mask as 0/1 weights, so that
 no shape depends on the data.
 Per-step history (loss, lr, real tokens/s) is kept here and travels in checkpoints, so a resumed run reports
-its whole curve.
+its whole curve. Nothing in a step waits for the GPU: a step's loss and its finiteness check come back to the host
+while the next step runs (`HostReadback`), so the host prepares step n+1 while the GPU computes step n; a NaN/inf
+loss or gradient stops the run one step later, with the same last finite state.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import lightning as L
@@ -64,6 +66,44 @@ class OptimSettings:
     wkv_backend: str | None = None  # rwkv7.wkv backend of the blocks during fit; None: rwkv7.wkv's default
 
 
+class HostReadback:
+    """Device values copied to host memory without stopping the host: `put` queues the copy, `take` waits for
+    that copy alone, not for the work queued after it (a plain `.item()` would wait for everything queued).
+
+    >>> rb = HostReadback(torch.device("cpu"), 2)
+    >>> rb.put(torch.tensor([3.5, 1.0]))
+    >>> rb.take()
+    [3.5, 1.0]
+    """
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        cuda = device.type == "cuda"
+        self._host = torch.zeros(size, dtype=torch.float64, pin_memory=cuda)
+        self._copied = torch.cuda.Event() if cuda else None
+
+    def put(self, values: Tensor) -> None:
+        self._host.copy_(values, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def take(self) -> list[float]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """An optimizer step whose loss is still on its way back from the device."""
+
+    step: int
+    epoch: int
+    lr: float
+    targets: int
+    tokens: int
+    slots: int
+
+
 def lr_at(step: int, s: OptimSettings) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up to lr_init, then cosine to lr_final.
 
@@ -105,20 +145,21 @@ def _chunked_head_loss(fn: Callable[..., Tensor], head: nn.Module, chunk: int, *
     return total
 
 
-def compile_mixers(model: RWKV7, backend: str = "inductor") -> None:
-    """torch.compile every block's time-mix and channel-mix in place (instance attributes; `del` undoes it).
+def compile_blocks(model: RWKV7, backend: str = "inductor") -> None:
+    """torch.compile every block's forward in place (an instance attribute; `del` undoes it).
 
-    All blocks but the first share one traced graph per half (same code, same shapes), so compiling costs
-    about two blocks' worth, not L; the cache limit is raised so the per-instance guards never fall back to
-    eager.
+    The WKV kernel is opaque to the compiler (`rwkv7.wkv.wkv7`), so a block compiles to two graphs around it:
+    layer norm, token shift (with its restarts), the mixing and the projections before; GroupNorm, bonus, output,
+    the residual and the whole channel mix after. All blocks but the first share their graphs (same code, same
+    shapes), so compiling costs about two blocks' worth, not L; the cache limit is raised so the per-instance
+    guards never fall back to eager.
     """
     dynamo = torch._dynamo.config
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, 2 * len(model.blocks))
     if hasattr(dynamo, "accumulated_cache_size_limit"):
         dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 8 * len(model.blocks))
     for block in model.blocks:
-        block.att.forward = torch.compile(type(block.att).forward.__get__(block.att), backend=backend)
-        block.ffn.forward = torch.compile(type(block.ffn).forward.__get__(block.ffn), backend=backend)
+        block.forward = torch.compile(type(block).forward.__get__(block), backend=backend)
 
 
 class StateTuner(L.LightningModule):
@@ -147,7 +188,10 @@ class StateTuner(L.LightningModule):
         self._teacher: RWKVState | None = None
         self._graphed: GraphedLoss | None = None
         self._batches_in_epoch = 0
-        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "slots": 0}
+        self._counts = dict.fromkeys(("targets", "tokens", "slots"), 0)  # of the optimizer step under way
+        self._loss_sum: Tensor | None = None  # its summed loss, on the device
+        self._unread: _Unread | None = None  # the last optimizer step, until `settle` reads its loss back
+        self._readback: HostReadback | None = None
         self._step_t0 = 0.0
 
     def train(self, mode: bool = True) -> StateTuner:
@@ -161,8 +205,8 @@ class StateTuner(L.LightningModule):
 
     def batch_loss(self, batch: Batch) -> tuple[Tensor, int]:
         """(summed loss over masked targets, number of masked targets) for one batch."""
-        hidden, _ = self.model(batch.tokens, self.tuned_state(), cu_seqlens=batch.cu_seqlens, return_hidden=True,
-                               starts=batch.starts)
+        x = self.embedded(batch)
+        hidden, _ = self.model.run_blocks(x, self.tuned_state(), cu_seqlens=batch.cu_seqlens, starts=batch.starts)
         mask = batch.loss_mask
         rows = hidden[mask]
         n = rows.shape[0]
@@ -171,8 +215,8 @@ class StateTuner(L.LightningModule):
             fn = _chunk_ce
         else:
             with torch.no_grad():
-                teacher_hidden, _ = self.model(batch.tokens, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
-                                               return_hidden=True, starts=batch.starts)
+                teacher_hidden, _ = self.model.run_blocks(x, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
+                                                          starts=batch.starts)
             others = teacher_hidden[mask]
             fn = _chunk_kl
         return _chunked_head_loss(fn, self.model.head, self.optim.loss_chunk, rows, others), n
@@ -194,13 +238,17 @@ class StateTuner(L.LightningModule):
     def graph_inputs(self, batch: Batch) -> tuple[Tensor, ...]:
         """`dense_loss`'s inputs after the state for a padded or row-packed batch. Packed rows (`batch.scored`)
         send only their scored positions through the head: padding entries (−1) read position 0 at weight 0."""
-        x = self.model.embed(batch.tokens)
+        x = self.embedded(batch)
         if batch.starts is None:
             return x, batch.targets, batch.loss_mask.float()
         if batch.scored is None:
             return x, batch.targets, batch.loss_mask.float(), batch.starts
         keep = batch.scored.clamp(min=0)
         return x, batch.targets.flatten()[keep], (batch.scored >= 0).float(), batch.starts, keep
+
+    def embedded(self, batch: Batch) -> Tensor:
+        """The batch's embedding rows `[*tokens.shape, C]`: looked up before the transfer, or now."""
+        return batch.embedded if batch.embedded is not None else self.model.embed(batch.tokens)
 
     def _teacher_state(self) -> RWKVState:
         if self._teacher is None:
@@ -218,36 +266,65 @@ class StateTuner(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss_sum, n = self.graphed_loss(batch) if self._graphed is not None else self.batch_loss(batch)
-        loss = loss_sum / max(n, 1)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at optimizer step {self.global_step} (epoch {self.current_epoch + 1}, "
-                f"batch {batch_idx}); stopping. Lower lr_init or check the data; the last finite state is kept.",
-                self.last_good.clone())
-        self.last_good.copy_(self.state_wkv.detach())
+        step_sum = loss_sum.detach()
+        self._loss_sum = step_sum if self._loss_sum is None else self._loss_sum + step_sum
         self._batches_in_epoch += 1
-        self._pending["loss_sum"] += float(loss_sum.detach())
-        self._pending["targets"] += n
-        self._pending["tokens"] += batch.n_real
-        self._pending["slots"] += batch.tokens.numel()
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch.n_sequences)
-        return loss
+        for key, value in (("targets", n), ("tokens", batch.n_real), ("slots", batch.tokens.numel())):
+            self._counts[key] += value
+        if self.history:  # the last step read back (a host value: logging a device one would wait for the GPU)
+            self.log("loss", torch.tensor(self.history[-1]["loss"]), prog_bar=True, batch_size=batch.n_sequences)
+        return loss_sum / max(n, 1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Check the gradient, then record this optimizer step's history row (before any checkpoint save)."""
-        grad = self.state_wkv.grad
-        if grad is not None and not torch.isfinite(grad).all():
-            raise NonFiniteLossError(f"the state's gradient became NaN/inf at optimizer step {self.global_step}; "
-                                     "stopping with the last finite state kept.", self.last_good.clone())
+        """Settle the previous optimizer step, then queue this one's checks on the device: the loss and the state's
+        gradient are finite, and if so the state that gave them becomes `last_good`."""
+        self.settle()
+        assert self._loss_sum is not None and self._readback is not None
+        ok = torch.isfinite(self._loss_sum)
+        if self.state_wkv.grad is not None:
+            ok &= torch.isfinite(self.state_wkv.grad).all()
+        self.last_good.copy_(torch.where(ok, self.state_wkv.detach(), self.last_good))
+        self._readback.put(torch.stack((self._loss_sum.double(), ok.double())))
+        self._unread = _Unread(step=self.global_step + 1, epoch=self.current_epoch + 1,
+                               lr=optimizer.param_groups[0]["lr"], **self._counts)
+        self._counts = dict.fromkeys(self._counts, 0)
+        self._loss_sum = None
+
+    def settle(self) -> None:
+        """Read the last optimizer step's loss back and add its history row; a NaN/inf loss or gradient raises
+        `NonFiniteLossError` with the last finite state. Waits for that step only (the host may be a step ahead)."""
+        if self._unread is None:
+            return
+        assert self._readback is not None
+        loss_sum, ok = self._readback.take()
         now = time.perf_counter()
+        u, self._unread = self._unread, None
+        if not ok:
+            raise NonFiniteLossError(
+                f"the loss or the state's gradient became NaN/inf at optimizer step {u.step} (epoch {u.epoch}); "
+                "stopping. Lower lr_init or check the data; the last finite state is kept.", self.last_good.clone())
         seconds = max(now - self._step_t0, 1e-9)
-        p = self._pending
-        self.history.append({"step": self.global_step + 1, "epoch": self.current_epoch + 1,
-                             "loss": p["loss_sum"] / max(p["targets"], 1), "lr": optimizer.param_groups[0]["lr"],
-                             "tokens": p["tokens"], "padded": p["slots"] - p["tokens"], "seconds": seconds,
-                             "tokens_per_s": p["tokens"] / seconds})
-        self._pending = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "slots": 0}
+        self.history.append({"step": u.step, "epoch": u.epoch, "loss": loss_sum / max(u.targets, 1), "lr": u.lr,
+                             "tokens": u.tokens, "padded": u.slots - u.tokens, "seconds": seconds,
+                             "tokens_per_s": u.tokens / seconds})
         self._step_t0 = now
+
+    def on_train_end(self) -> None:
+        self.settle()
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """On CUDA, the batch goes over from pinned host memory, so the copy does not wait for the GPU; with the
+        embedding table on the host (`embedding_on_host`) the rows are looked up here, straight into pinned
+        memory (a lookup on the GPU's tokens would read them back and wait for every step queued before)."""
+        if self.model.device.type != "cuda":
+            return batch
+        pinned = {f.name: t.pin_memory() for f in fields(batch) if isinstance(t := getattr(batch, f.name), Tensor)}
+        table = self.model.emb.weight
+        if table.device.type == "cpu":
+            rows = torch.empty((batch.tokens.numel(), table.shape[1]), dtype=table.dtype, pin_memory=True)
+            torch.index_select(table, 0, batch.tokens.flatten(), out=rows)
+            pinned["embedded"] = rows.view(*batch.tokens.shape, -1)
+        return replace(batch, **pinned)
 
     def on_train_epoch_start(self) -> None:
         self._batches_in_epoch = 0
@@ -260,25 +337,27 @@ class StateTuner(L.LightningModule):
 
         `embedding_on_host`: the token embedding table (`V × C`, 0.27 GB at 1.5B) stays in host memory, where
         lookups are cheap; only the looked-up rows travel to the GPU.
-        `compile`: each block's time-mix and channel-mix go through torch.compile (the WKV kernel stays outside
-        the graphs: `rwkv7.wkv.wkv7` is opaque to the compiler), which fuses the elementwise work into fewer
-        kernels (with CUDA graphs +37 % tokens/s on a 1.5B step on an H200; BENCHMARKS.md).
+        `compile`: each block goes through torch.compile (`compile_blocks`; the WKV kernel stays outside the
+        graphs), which fuses the norms, token shifts and elementwise work into fewer kernels (with CUDA graphs
+        +37 % tokens/s on a 1.5B step on an H200 when only the mixers were compiled; BENCHMARKS.md).
         `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing).
         `cuda_graphs`: training batches (fixed shapes: padded or row-packed) run through `dense_loss` captured in a
         CUDA graph per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
         `wkv_backend`: the WKV kernel every block uses (e.g. "chunk", which also restarts packed rows).
         All are undone in on_fit_end, so the model class stays free of training concerns.
         """
+        self._readback = HostReadback(self.model.device, 2)
         for block in self.model.blocks:
             block.att.wkv_backend = self.optim.wkv_backend
         if self.embedding_on_host and self.model.device.type == "cuda":
             self.model.emb.to("cpu")  # Lightning moved the whole module to the GPU; the table goes back
             torch.cuda.empty_cache()
         if self.optim.compile:
-            compile_mixers(self.model, self.optim.compile)
+            compile_blocks(self.model, self.optim.compile)
         if self.optim.grad_cp:
             for block in self.model.blocks:
-                block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False,
+                forward = vars(block).get("forward", type(block).forward.__get__(block))  # compiled or not
+                block.forward = functools.partial(checkpoint, forward, use_reentrant=False,
                                                   preserve_rng_state=False)  # no randomness in the model
         if self.optim.cuda_graphs:
             if self.model.device.type != "cuda" or self.distill_prefix is not None:
@@ -301,6 +380,7 @@ class StateTuner(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.settle()  # the history saved must hold every step taken
         checkpoint["state_dict"] = {"state_wkv": self.state_wkv.detach().cpu()}
         checkpoint[CKPT_KEY] = {"history": self.history, "batches_in_epoch": self._batches_in_epoch,
                                 "epoch": self.current_epoch}

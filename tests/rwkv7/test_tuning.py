@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import lightning as L
@@ -10,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
-from rwkv7.data import Batch, BucketBatchSampler, Sample, pack_collate, pack_rows_collate, pad_collate
+from rwkv7.data import (Batch, BucketBatchSampler, PackedBatchSampler, Sample, pack_collate, pack_rows_collate,
+                        pad_collate)
 from rwkv7.graphs import CaptureError, GraphedLoss, OwnGradient
 from rwkv7.model import RWKV7, build_model
 from rwkv7.state import RWKVState
-from rwkv7.tuning import OptimSettings, StateTuner, lr_at
+from rwkv7.tuning import NonFiniteLossError, OptimSettings, StateTuner, lr_at
 
 VOCAB = 256
 FIRST_TOKEN = 1  # every text starts like a dialogue starts ("User"), so a state can prepare for it
@@ -60,6 +62,25 @@ def test_only_the_state_trains_the_loss_falls_and_weights_stay_bit_identical() -
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.15  # nats
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training and module.state_wkv.abs().sum() > 0
+
+
+def test_a_nan_step_stops_the_run_at_the_next_step_with_the_state_before_it() -> None:
+    """Step 3's loss is NaN: the host learns it while queuing step 4 (it never waits for a step in flight), so the
+    run stops there; the history holds steps 1-2 and the kept state is the one that gave step 2 its finite loss."""
+    module = StateTuner(tiny_model(), OptimSettings(lr_init=0.1, lr_final=0.1, total_steps=10))
+    real_loss, states = module.batch_loss, []
+
+    def loss(batch: Batch) -> tuple[torch.Tensor, int]:
+        states.append(module.state_wkv.detach().clone())
+        total, n = real_loss(batch)
+        return (total * float("nan") if len(states) == 3 else total), n
+
+    module.batch_loss = loss
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at optimizer step 3 \(epoch 1\)") as stopped:
+        fit(module, token_samples(16, 16, seed=1), steps=10, micro_bsz=4)
+    assert len(states) == 4 and [r["step"] for r in module.history] == [1, 2]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in module.history)
+    assert torch.equal(stopped.value.last_good, states[1]) and not torch.equal(states[1], states[0])
 
 
 def test_a_samples_loss_is_the_same_alone_padded_in_a_batch_and_packed() -> None:
@@ -143,7 +164,7 @@ def test_activation_checkpointing_gives_the_same_gradient() -> None:
 
 @pytest.mark.parametrize("grad_cp", [False, True])
 def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_restores_eager(grad_cp: bool) -> None:
-    """`compile` traces each block's halves (aot_eager here: the same graphs as inductor, no C++ compiler)."""
+    """`compile` traces each block (aot_eager here: the same graphs as inductor, no C++ compiler)."""
     samples = token_samples(3, 12, seed=5)
     results = []
     for backend in (None, "aot_eager"):
@@ -157,12 +178,13 @@ def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_resto
             loss, _ = module.batch_loss(collate(samples))
             loss.backward()
             losses.append(loss.detach())
-        compiled = [type(b.att.forward).__name__ for b in module.model.blocks]
+        compiled = [b.forward.args[0] if isinstance(b.forward, functools.partial) else b.forward  # grad_cp wraps
+                    for b in module.model.blocks]
         module.on_fit_end()
         results.append((torch.stack(losses), module.state_wkv.grad.clone(), compiled))
         assert all("forward" not in vars(m) for b in module.model.blocks for m in (b, b.att, b.ffn))
     (eager_loss, eager_grad, _), (comp_loss, comp_grad, compiled) = results
-    assert all(name != "method" for name in compiled)  # the compiled wrappers were in place during fit
+    assert all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)  # compiled wrappers were in place
     assert torch.allclose(comp_loss, eager_loss, rtol=1e-5) and eager_grad.abs().sum() > 0
     assert torch.allclose(comp_grad, eager_grad, rtol=1e-4, atol=1e-7)
 
@@ -286,6 +308,41 @@ def test_cuda_graph_replays_of_packed_rows_through_our_kernels_match_eager_steps
     assert {s[0] for s in module._graphed.shapes} == {(3, 128, 128)}
     assert all(s[1][0] % 128 == 0 for s in module._graphed.shapes)  # scored positions in steps of a row
     module.on_fit_end()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, Triton)")
+def test_graphed_training_steps_never_wait_for_the_gpu() -> None:
+    """Once every shape is captured, a whole Lightning step (host embedding lookup, pinned transfer, graph replays,
+    finiteness checks, gradient clipping, AdamW, history) queues its work without one synchronizing call: torch's
+    sync debug mode turns any into an error. Every step still gets its history row."""
+    pytest.importorskip("triton")
+    sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=0)
+    samples = [s for n in range(20, 60) for s in token_samples(2, n, seed=n)]  # 80 samples, ~20 rows of 128
+    sampler = PackedBatchSampler([s.n_inputs for s in samples], rows=2, width=128, seed=0)
+    module = StateTuner(build_model(sd, inspect_checkpoint(sd), device="cuda"),
+                        OptimSettings(lr_init=0.1, lr_final=0.1, total_steps=8, grad_cp=True, loss_chunk=256,
+                                      cuda_graphs=True, wkv_backend="chunk"), sampler, embedding_on_host=True)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler,
+                                         collate_fn=functools.partial(pack_rows_collate, width=128, rows=2))
+
+    class Strict(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: StateTuner, batch: Batch, i: int) -> None:
+            if i == 2:  # batch 0 captured the one shape (all rows > half full: 256 scored positions), 1 ran warm
+                torch.cuda.set_sync_debug_mode("error")
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        callbacks=[Strict()])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, loader)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [r["step"] for r in module.history] == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in module.history)
+    assert module._graphed is None and module.model.emb.weight.device.type == "cuda"
 
 
 def _on_cuda(batch: Batch) -> Batch:
