@@ -19,6 +19,8 @@
 #       verify one GPU: the Triton GPU tests and check (default launch setting), 1.5B (c) packed, compile on/off
 #       chunk  one GPU: our chunked kernel's GPU tests, its check (bf16, fp32) and time per launch setting; then
 #              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
+#       sixth  one GPU: GPU tests (graphs, chunked kernels), the chunked kernel's check and launch settings, then
+#              1.5B (a) and (c) packed with graphs + compile, and (a) without grad_cp
 #       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -220,6 +222,16 @@ case "$PLAN" in
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
+    ;;
+  sixth)  # one GPU: the GPU tests of the graphed step and our chunked kernels, the kernel check (bf16, fp32) with
+          # timings per launch setting, then 1.5B (a) and (c) packed with graphs + compile, (a) without grad_cp
+    CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16;fwd_warps_restarts=4;fwd_warps=8}" wkv_check 0 150 bf16,fp32 chunk
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp off
     ;;
   runahead)  # one GPU: the graph GPU tests (incl. no synchronizing call in a step), then 1.5B (a) and (c) packed
               # with graphs + compiled blocks, and (a), (c) with the defaults (graphs, no compile: the first step)

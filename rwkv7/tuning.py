@@ -187,6 +187,7 @@ class StateTuner(L.LightningModule):
         self.register_buffer("last_good", self.state_wkv.detach().clone(), persistent=False)
         self._teacher: RWKVState | None = None
         self._graphed: GraphedLoss | None = None
+        self._compiled: dict[Callable[..., Tensor], Callable[..., Tensor]] = {}  # head losses, during a fit
         self._batches_in_epoch = 0
         self._counts = dict.fromkeys(("targets", "tokens", "slots"), 0)  # of the optimizer step under way
         self._loss_sum: Tensor | None = None  # its summed loss, on the device
@@ -219,7 +220,7 @@ class StateTuner(L.LightningModule):
                                                           starts=batch.starts)
             others = teacher_hidden[mask]
             fn = _chunk_kl
-        return _chunked_head_loss(fn, self.model.head, self.optim.loss_chunk, rows, others), n
+        return self._head_loss(fn, rows, others), n
 
     def dense_loss(self, state_wkv: Tensor, x: Tensor, targets: Tensor, weights: Tensor,
                    starts: Tensor | None = None, scored: Tensor | None = None) -> Tensor:
@@ -232,8 +233,12 @@ class StateTuner(L.LightningModule):
         hidden = hidden.flatten(0, 1)
         if scored is not None:
             hidden = hidden.index_select(0, scored)
-        return _chunked_head_loss(_chunk_ce_weighted, self.model.head, self.optim.loss_chunk, hidden,
-                                  targets.flatten(), weights.flatten())
+        return self._head_loss(_chunk_ce_weighted, hidden, targets.flatten(), weights.flatten())
+
+    def _head_loss(self, fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:
+        """`_chunked_head_loss` of `fn` (its compiled twin during a fit with `compile`: the log-softmax then reads
+        the head's bf16 logits once, with no float32 copy of them)."""
+        return _chunked_head_loss(self._compiled.get(fn, fn), self.model.head, self.optim.loss_chunk, *rows)
 
     def graph_inputs(self, batch: Batch) -> tuple[Tensor, ...]:
         """`dense_loss`'s inputs after the state for a padded or row-packed batch. Packed rows (`batch.scored`)
@@ -339,7 +344,8 @@ class StateTuner(L.LightningModule):
         lookups are cheap; only the looked-up rows travel to the GPU.
         `compile`: each block goes through torch.compile (`compile_blocks`; the WKV kernel stays outside the
         graphs), which fuses the norms, token shifts and elementwise work into fewer kernels (with CUDA graphs
-        +37 % tokens/s on a 1.5B step on an H200 when only the mixers were compiled; BENCHMARKS.md).
+        +37 % tokens/s on a 1.5B step on an H200 when only the mixers were compiled; BENCHMARKS.md), and so do
+        the head's loss functions.
         `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing).
         `cuda_graphs`: training batches (fixed shapes: padded or row-packed) run through `dense_loss` captured in a
         CUDA graph per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
@@ -354,6 +360,8 @@ class StateTuner(L.LightningModule):
             torch.cuda.empty_cache()
         if self.optim.compile:
             compile_blocks(self.model, self.optim.compile)
+            self._compiled = {fn: torch.compile(fn, backend=self.optim.compile)
+                              for fn in (_chunk_ce, _chunk_ce_weighted, _chunk_kl)}
         if self.optim.grad_cp:
             for block in self.model.blocks:
                 forward = vars(block).get("forward", type(block).forward.__get__(block))  # compiled or not
@@ -366,6 +374,7 @@ class StateTuner(L.LightningModule):
 
     def on_fit_end(self) -> None:
         self._graphed = None
+        self._compiled = {}
         for block in self.model.blocks:
             block.att.wkv_backend = None
             for module in (block, block.att, block.ffn):

@@ -57,8 +57,9 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # 2 / 8 warps 1.57 ms, 4 / 4 1.87 ms, 4 / 16 3.10 ms; chunks of 32 and 64 need more shared memory than an H200 has
 # (241-295 KB). A version that split value rows over programs and computed the gradients of all chunks at once was
 # slower (1.79-2.99 ms; call N): the per-chunk terms that do not depend on the state dominate, and it computed
-# them two or three times.
-SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8}
+# them two or three times. Rows with restarts hold the initial state as well: with 4 warps the forward then
+# spills registers (ptxas -v on sm_90a: 76 bytes; none with 8), so those get their own warp count.
+SETTINGS = {"chunk": 16, "fwd_warps": 4, "fwd_warps_restarts": 8, "bwd_warps": 8}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
 
@@ -87,6 +88,14 @@ def _unit_lower_inverse(m, rows, LOG2L: tl.constexpr):
         power = tl.dot(power, power, input_precision="ieee")
         inv += tl.dot(inv, power, input_precision="ieee")
     return inv
+
+
+@triton.jit
+def _add_to(ptrs, x):
+    """ptrs += x for a tile this program alone owns; the barriers order its threads' stores and loads."""
+    tl.debug_barrier()
+    tl.store(ptrs, tl.load(ptrs) + x)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -170,7 +179,8 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
-    dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
+    if RESETS:  # the gradient of the initial state through restarts adds up in ds0 (not in registers: they spill)
+        tl.store(ds0_ptr + pid * N * N + tile, tl.zeros((N, N), dtype=tl.float32))
     for i in range(NC):
         ci = NC - 1 - i
         S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile)
@@ -200,43 +210,45 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
                 restarted = True
         y += tl.dot(m_ak, v, input_precision=PREC)
         u = tl.dot(inv, y, input_precision=PREC)
-        # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v
+        # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v. Everything that reads dS
+        # comes first, so that dS, S and the next dS are not all held at once (this kernel spills registers).
+        decay_end = tl.exp(c_end)
+        dc_end = tl.sum(dS * enter, axis=0) * decay_end
         du = (tl.dot(tl.trans(m_rb), do, input_precision=PREC)
               + tl.dot(bbar, tl.trans(dS), input_precision=PREC))
+        dv = tl.dot(kbar, tl.trans(dS), input_precision=PREC)
+        dbbar = tl.dot(u, dS, input_precision=PREC)
+        dkbar = tl.dot(v, dS, input_precision=PREC)
+        carried = dS * decay_end[None, :]
+        if restarted:
+            _add_to(ds0_ptr + pid * N * N + tile, carried)
+            dS = tl.zeros((N, N), dtype=tl.float32)
+        else:
+            dS = carried
+        dc_end += tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
         dy = tl.dot(tl.trans(inv), du, input_precision=PREC)  # u = (I − M_ab)⁻¹ y
         dm_ab = tl.dot(dy, tl.trans(u), input_precision=PREC) * strict
         dm_ak = tl.dot(dy, tl.trans(v), input_precision=PREC) * strict
         dm_rb = tl.dot(do, tl.trans(u), input_precision=PREC) * incl
         dm_rk = tl.dot(do, tl.trans(v), input_precision=PREC) * incl
-        dv = (tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
-              + tl.dot(kbar, tl.trans(dS), input_precision=PREC))
+        dv += tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
         do_c = tl.where(cont, do, 0.0)
         dy_c = tl.where(cont, dy, 0.0)
         drp = (tl.dot(do_c, S, input_precision=PREC) + tl.dot(dm_rb, bh, input_precision=PREC)
                + tl.dot(dm_rk, kh, input_precision=PREC))
         dap = (tl.dot(dy_c, S, input_precision=PREC) + tl.dot(dm_ab, bh, input_precision=PREC)
                + tl.dot(dm_ak, kh, input_precision=PREC))
-        dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
-                   + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
+        dS += tl.dot(tl.trans(do_c), rp, input_precision=PREC) + tl.dot(tl.trans(dy_c), ap, input_precision=PREC)
         if restarted:
             first = tl.load(s0_ptr + pid * N * N + tile)  # again: holding it across the chunk costs registers
             do_f = tl.where(cont, 0.0, do)
             dy_f = tl.where(cont, 0.0, dy)
             drp += tl.dot(do_f, first, input_precision=PREC)
             dap += tl.dot(dy_f, first, input_precision=PREC)
-            dfirst += (tl.dot(tl.trans(do_f), rp, input_precision=PREC)
-                       + tl.dot(tl.trans(dy_f), ap, input_precision=PREC))
+            _add_to(ds0_ptr + pid * N * N + tile, tl.dot(tl.trans(do_f), rp, input_precision=PREC)
+                    + tl.dot(tl.trans(dy_f), ap, input_precision=PREC))
         dbh = tl.dot(tl.trans(dm_ab), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rb), rp, input_precision=PREC)
         dkh = tl.dot(tl.trans(dm_ak), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rk), rp, input_precision=PREC)
-        dbbar = tl.dot(u, dS, input_precision=PREC)
-        dkbar = tl.dot(v, dS, input_precision=PREC)
-        decay_end = tl.exp(c_end)
-        dc_end = tl.sum(dS * enter, axis=0) * decay_end + tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
-        carried = dS * decay_end[None, :]
-        if restarted:
-            dfirst += carried
-        else:
-            dS_prev += carried
         dc = (drp * rp - dbh * bh - dkh * kh - dbbar * bbar - dkbar * kbar
               + tl.where((rows == L - 1)[:, None], dc_end[None, :], 0.0))
         dlw = (tl.dot(tl.trans(incl), dc, input_precision="ieee")
@@ -247,8 +259,10 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
         tl.store(da_ptr + offs, (dap * tl.exp(cex)).to(da_ptr.dtype.element_ty))
         tl.store(db_ptr + offs, (dbh * grow + dbbar * tail).to(db_ptr.dtype.element_ty))
-        dS = dS_prev
-    tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
+    if RESETS:
+        _add_to(ds0_ptr + pid * N * N + tile, dS)
+    else:
+        tl.store(ds0_ptr + pid * N * N + tile, dS)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -274,8 +288,9 @@ class _ChunkWKV7(torch.autograd.Function):
         ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device, dtype=torch.float32)
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
+        warps = settings["fwd_warps" if starts is None else "fwd_warps_restarts"]
         _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
-                       _precision(r.dtype), num_warps=settings["fwd_warps"])
+                       _precision(r.dtype), num_warps=warps)
         if save:
             ctx.save_for_backward(*inputs, s0, flags, ckpt)
             ctx.launch = L, log2l, starts is not None, settings["bwd_warps"]

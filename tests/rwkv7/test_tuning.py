@@ -179,12 +179,13 @@ def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_resto
             loss.backward()
             losses.append(loss.detach())
         compiled = [b.forward.args[0] if isinstance(b.forward, functools.partial) else b.forward  # grad_cp wraps
-                    for b in module.model.blocks]
+                    for b in module.model.blocks] + list(module._compiled.values())  # and the head's losses
         module.on_fit_end()
         results.append((torch.stack(losses), module.state_wkv.grad.clone(), compiled))
         assert all("forward" not in vars(m) for b in module.model.blocks for m in (b, b.att, b.ffn))
+        assert module._compiled == {}
     (eager_loss, eager_grad, _), (comp_loss, comp_grad, compiled) = results
-    assert all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)  # compiled wrappers were in place
+    assert len(compiled) == 2 + 3 and all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)
     assert torch.allclose(comp_loss, eager_loss, rtol=1e-5) and eager_grad.abs().sum() > 0
     assert torch.allclose(comp_grad, eager_grad, rtol=1e-4, atol=1e-7)
 
@@ -330,6 +331,9 @@ def test_graphed_training_steps_never_wait_for_the_gpu() -> None:
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: StateTuner, batch: Batch, i: int) -> None:
             if i == 2:  # batch 0 captured the one shape (all rows > half full: 256 scored positions), 1 ran warm
                 torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: StateTuner) -> None:
+            torch.cuda.set_sync_debug_mode(0)  # Lightning's teardown moves the optimizer state to the CPU
 
     trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
