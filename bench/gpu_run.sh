@@ -21,6 +21,8 @@
 #              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
 #       sixth  one GPU: GPU tests (graphs, chunked kernels), the chunked kernel's check and launch settings, then
 #              1.5B (a) and (c) packed with graphs + compile, and (a) without grad_cp
+#       seventh one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, then the GPU
+#              tests and the chunked kernel's check
 #       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -74,7 +76,7 @@ trap pack_results EXIT
 stamp "set-up ($PLAN, budget ${BUDGET} s)"
 nvidia-smi --query-gpu=index,name,memory.total,memory.used,clocks.sm,driver_version --format=csv
 # shellcheck source=bench/gpu-env.sh
-if [ -z "$(find .triton -type f 2>/dev/null | head -1)" ]; then  # no carried cache: seed the shipped autotune choices
+if [ -z "$(find .triton -type f 2>/dev/null | head -1)" ]; then  # no carried cache: seed the shipped ones (fla autotune choices, torch.compile graphs)
   for t in bench/results/triton-*.tgz; do [ -f "$t" ] && tar -xzf "$t" && echo "seeded .triton from $t"; done
 fi
 source bench/gpu-env.sh || { echo "gpu-env failed"; exit 1; }
@@ -222,6 +224,15 @@ case "$PLAN" in
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
+    ;;
+  seventh)  # one GPU, cold but for the shipped caches: 1.5B (a) and (c) packed with graphs + compile first (their
+            # first step), then the GPU tests of the graphed step and our chunked kernels, then the kernel check
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
+    CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16;fwd_warps_restarts=8}" wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
     ;;
   sixth)  # one GPU: the GPU tests of the graphed step and our chunked kernels, the kernel check (bf16, fp32) with
           # timings per launch setting, then 1.5B (a) and (c) packed with graphs + compile, (a) without grad_cp
