@@ -21,6 +21,8 @@
 #              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
 #       sixth  one GPU: GPU tests (graphs, chunked kernels), the chunked kernel's check and launch settings, then
 #              1.5B (a) and (c) packed with graphs + compile, and (a) without grad_cp
+#       eighth one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, (a) without
+#              grad_cp, then the graph GPU tests
 #       seventh one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, then the GPU
 #              tests and the chunked kernel's check
 #       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
@@ -224,6 +226,15 @@ case "$PLAN" in
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
+    ;;
+  eighth)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, (a) without
+           # grad_cp (its memory), then the GPU tests of the graphed step
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp off --steps 12
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 15)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py -k "graph" > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     ;;
   seventh)  # one GPU, cold but for the shipped caches: 1.5B (a) and (c) packed with graphs + compile first (their
             # first step), then the GPU tests of the graphed step and our chunked kernels, then the kernel check

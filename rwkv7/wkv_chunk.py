@@ -25,8 +25,8 @@ only its own relative rounding.
 Restarts (`starts`): a flagged position begins a new sequence from the row's initial state. Inside a chunk the
 rows then fall into segments; c becomes a cumulative sum within each segment (a masked [L, L] product with λ),
 the M matrices keep only pairs of one segment, the first segment enters from the carried state and later ones
-from the initial state. Only chunks that hold a restart run that code (`RESTART`); the others, in rows with
-restarts too, run exactly the code of rows without any, so packed rows cost about what plain rows do.
+from the initial state. The same code serves chunks without restarts (one segment); the initial-state terms are
+computed only in chunks that restart.
 
 One program per (batch row, head) walks the chunks in order and keeps S in float32 registers; it stores the
 state at every chunk start for the backward pass, which walks the chunks in reverse, recomputes each chunk's
@@ -58,7 +58,7 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # (241-295 KB). A version that split value rows over programs and computed the gradients of all chunks at once was
 # slower (1.79-2.99 ms; call N): the per-chunk terms that do not depend on the state dominate, and it computed
 # them two or three times.
-SETTINGS = {"chunk": 16, "fwd_warps": 4, "fwd_warps_restarts": 4, "bwd_warps": 8}  # restarts: rows with `starts`
+SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
 
@@ -114,41 +114,6 @@ def _chunk_terms(r, lw, k, a, b, seg, rows, L: tl.constexpr, LOG2L: tl.constexpr
 
 
 @triton.jit
-def _add_to(ptrs, x):
-    """ptrs += x on a tile this program alone owns; the barriers order its threads' stores and loads."""
-    tl.debug_barrier()
-    tl.store(ptrs, tl.load(ptrs) + x)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _fwd_chunk(S, s0_tile, r, lw, k, v, a, b, seg, rows, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
-               RESTART: tl.constexpr):
-    """One chunk of the forward from the carried state S: (output [L, N], state at the chunk's end). With
-    RESTART some rows begin a new sequence (`seg` > 0): they enter from the initial state at `s0_tile`."""
-    (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
-     inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
-    if RESTART:
-        cont = (seg == 0)[:, None]  # rows that continue from the carried state
-        first = tl.load(s0_tile)  # read where needed: registers stay free elsewhere
-        y = (tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
-             + tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC))
-        o = (tl.dot(tl.where(cont, rp, 0.0), tl.trans(S), input_precision=PREC)
-             + tl.dot(tl.where(cont, 0.0, rp), tl.trans(first), input_precision=PREC))
-        enter = first
-    else:
-        y = tl.dot(ap, tl.trans(S), input_precision=PREC)
-        o = tl.dot(rp, tl.trans(S), input_precision=PREC)
-        enter = S
-    y += tl.dot(m_ak, v, input_precision=PREC)
-    u = tl.dot(inv, y, input_precision=PREC)
-    o += tl.dot(m_rb, u, input_precision=PREC) + tl.dot(m_rk, v, input_precision=PREC)
-    S = (enter * tl.exp(c_end)[None, :] + tl.dot(tl.trans(u), b * tail, input_precision=PREC)
-         + tl.dot(tl.trans(v), k * tail, input_precision=PREC))
-    return o, S
-
-
-@triton.jit
 def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, ckpt_ptr, final_ptr,
          T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
          RESETS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
@@ -170,91 +135,26 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
         v = tl.load(v_ptr + offs).to(tl.float32)
         a = tl.load(a_ptr + offs).to(tl.float32)
         b = tl.load(b_ptr + offs).to(tl.float32)
-        first = s0_ptr + pid * N * N + tile
-        if RESETS:
-            seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
-            if tl.max(seg, axis=0) > 0:  # a restart in this chunk
-                o, S = _fwd_chunk(S, first, r, lw, k, v, a, b, seg, rows, L, LOG2L, PREC, True)
-            else:  # the other chunks run the code of rows without restarts
-                o, S = _fwd_chunk(S, first, r, lw, k, v, a, b, rows * 0, rows, L, LOG2L, PREC, False)
-        else:
-            o, S = _fwd_chunk(S, first, r, lw, k, v, a, b, rows * 0, rows, L, LOG2L, PREC, False)
-        tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty))
-    tl.store(final_ptr + pid * N * N + tile, S)
-
-
-@triton.jit
-def _bwd_chunk(S, dS, s0_tile, ds0_tile, r, lw, k, v, a, b, do, seg, rows, offs,
-               dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-               L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, RESTART: tl.constexpr):
-    """One chunk of the backward: stores the chunk's input gradients and returns the gradient of the state it
-    started from. With RESTART, what reaches the initial state through the restarts is added to `ds0_tile`."""
-    (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, _m_ab, m_ak, m_rb, m_rk,
-     inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
-    bbar = b * tail
-    kbar = k * tail
-    # forward again: u
-    if RESTART:
-        cont = (seg == 0)[:, None]
-        first = tl.load(s0_tile)
-        y = (tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
-             + tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC))
-        enter = first
-    else:
-        y = tl.dot(ap, tl.trans(S), input_precision=PREC)
+        seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
+        (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
+         inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
+        cont = (seg == 0)[:, None]  # rows that continue from the carried state
+        y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
+        o = tl.dot(tl.where(cont, rp, 0.0), tl.trans(S), input_precision=PREC)
         enter = S
-    y += tl.dot(m_ak, v, input_precision=PREC)
-    u = tl.dot(inv, y, input_precision=PREC)
-    # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v
-    du = (tl.dot(tl.trans(m_rb), do, input_precision=PREC)
-          + tl.dot(bbar, tl.trans(dS), input_precision=PREC))
-    dy = tl.dot(tl.trans(inv), du, input_precision=PREC)  # u = (I − M_ab)⁻¹ y
-    dm_ab = tl.dot(dy, tl.trans(u), input_precision=PREC) * strict
-    dm_ak = tl.dot(dy, tl.trans(v), input_precision=PREC) * strict
-    dm_rb = tl.dot(do, tl.trans(u), input_precision=PREC) * incl
-    dm_rk = tl.dot(do, tl.trans(v), input_precision=PREC) * incl
-    dv = (tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
-          + tl.dot(kbar, tl.trans(dS), input_precision=PREC))
-    if RESTART:
-        do_c = tl.where(cont, do, 0.0)
-        dy_c = tl.where(cont, dy, 0.0)
-    else:
-        do_c = do
-        dy_c = dy
-    drp = (tl.dot(do_c, S, input_precision=PREC) + tl.dot(dm_rb, bh, input_precision=PREC)
-           + tl.dot(dm_rk, kh, input_precision=PREC))
-    dap = (tl.dot(dy_c, S, input_precision=PREC) + tl.dot(dm_ab, bh, input_precision=PREC)
-           + tl.dot(dm_ak, kh, input_precision=PREC))
-    dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
-               + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
-    dbh = tl.dot(tl.trans(dm_ab), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rb), rp, input_precision=PREC)
-    dkh = tl.dot(tl.trans(dm_ak), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rk), rp, input_precision=PREC)
-    dbbar = tl.dot(u, dS, input_precision=PREC)
-    dkbar = tl.dot(v, dS, input_precision=PREC)
-    decay_end = tl.exp(c_end)
-    dc_end = tl.sum(dS * enter, axis=0) * decay_end + tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
-    carried = dS * decay_end[None, :]
-    if RESTART:
-        first = tl.load(s0_tile)  # again: holding it across the chunk costs registers
-        do_f = tl.where(cont, 0.0, do)
-        dy_f = tl.where(cont, 0.0, dy)
-        drp += tl.dot(do_f, first, input_precision=PREC)
-        dap += tl.dot(dy_f, first, input_precision=PREC)
-        _add_to(ds0_tile, carried + tl.dot(tl.trans(do_f), rp, input_precision=PREC)
-                + tl.dot(tl.trans(dy_f), ap, input_precision=PREC))
-    else:
-        dS_prev += carried
-    dc = (drp * rp - dbh * bh - dkh * kh - dbbar * bbar - dkbar * kbar
-          + tl.where((rows == L - 1)[:, None], dc_end[None, :], 0.0))
-    dlw = (tl.dot(tl.trans(incl), dc, input_precision="ieee")
-           + tl.dot(tl.trans(strict), dap * ap, input_precision="ieee"))
-    tl.store(dr_ptr + offs, (drp * tl.exp(c)).to(dr_ptr.dtype.element_ty))
-    tl.store(dw_ptr + offs, dlw.to(dw_ptr.dtype.element_ty))
-    tl.store(dk_ptr + offs, (dkh * grow + dkbar * tail).to(dk_ptr.dtype.element_ty))
-    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
-    tl.store(da_ptr + offs, (dap * tl.exp(cex)).to(da_ptr.dtype.element_ty))
-    tl.store(db_ptr + offs, (dbh * grow + dbbar * tail).to(db_ptr.dtype.element_ty))
-    return dS_prev
+        if RESETS:  # noqa: SIM102 - a compile-time branch around a run-time one
+            if tl.max(seg, axis=0) > 0:  # a restart in this chunk: later segments start from the initial state
+                first = tl.load(s0_ptr + pid * N * N + tile)  # read where needed: registers stay free
+                y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
+                o += tl.dot(tl.where(cont, 0.0, rp), tl.trans(first), input_precision=PREC)
+                enter = first
+        y += tl.dot(m_ak, v, input_precision=PREC)
+        u = tl.dot(inv, y, input_precision=PREC)
+        o += tl.dot(m_rb, u, input_precision=PREC) + tl.dot(m_rk, v, input_precision=PREC)
+        tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty))
+        S = (enter * tl.exp(c_end)[None, :] + tl.dot(tl.trans(u), b * tail, input_precision=PREC)
+             + tl.dot(tl.trans(v), k * tail, input_precision=PREC))
+    tl.store(final_ptr + pid * N * N + tile, S)
 
 
 @triton.jit
@@ -270,8 +170,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
-    if RESETS:  # the gradient of the initial state through restarts adds up in ds0 (in registers it would spill)
-        tl.store(ds0_ptr + pid * N * N + tile, tl.zeros((N, N), dtype=tl.float32))
+    dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
     for i in range(NC):
         ci = NC - 1 - i
         S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile)
@@ -283,23 +182,73 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         a = tl.load(a_ptr + offs).to(tl.float32)
         b = tl.load(b_ptr + offs).to(tl.float32)
         do = tl.load(dout_ptr + offs).to(tl.float32)
-        first, dfirst = s0_ptr + pid * N * N + tile, ds0_ptr + pid * N * N + tile
-        grads = dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr
-        if RESETS:
-            seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
-            if tl.max(seg, axis=0) > 0:
-                dS = _bwd_chunk(S, dS, first, dfirst, r, lw, k, v, a, b, do, seg, rows, offs, *grads,
-                                L, LOG2L, PREC, True)
-            else:
-                dS = _bwd_chunk(S, dS, first, dfirst, r, lw, k, v, a, b, do, rows * 0, rows, offs, *grads,
-                                L, LOG2L, PREC, False)
+        seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
+        (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, _m_ab, m_ak, m_rb, m_rk,
+         inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
+        cont = (seg == 0)[:, None]
+        bbar = b * tail
+        kbar = k * tail
+        # forward again: u
+        y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
+        enter = S
+        restarted = False
+        if RESETS:  # noqa: SIM102 - a compile-time branch around a run-time one
+            if tl.max(seg, axis=0) > 0:  # later segments (and the chunk's end) come from the initial state
+                first = tl.load(s0_ptr + pid * N * N + tile)
+                y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
+                enter = first
+                restarted = True
+        y += tl.dot(m_ak, v, input_precision=PREC)
+        u = tl.dot(inv, y, input_precision=PREC)
+        # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v
+        du = (tl.dot(tl.trans(m_rb), do, input_precision=PREC)
+              + tl.dot(bbar, tl.trans(dS), input_precision=PREC))
+        dy = tl.dot(tl.trans(inv), du, input_precision=PREC)  # u = (I − M_ab)⁻¹ y
+        dm_ab = tl.dot(dy, tl.trans(u), input_precision=PREC) * strict
+        dm_ak = tl.dot(dy, tl.trans(v), input_precision=PREC) * strict
+        dm_rb = tl.dot(do, tl.trans(u), input_precision=PREC) * incl
+        dm_rk = tl.dot(do, tl.trans(v), input_precision=PREC) * incl
+        dv = (tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
+              + tl.dot(kbar, tl.trans(dS), input_precision=PREC))
+        do_c = tl.where(cont, do, 0.0)
+        dy_c = tl.where(cont, dy, 0.0)
+        drp = (tl.dot(do_c, S, input_precision=PREC) + tl.dot(dm_rb, bh, input_precision=PREC)
+               + tl.dot(dm_rk, kh, input_precision=PREC))
+        dap = (tl.dot(dy_c, S, input_precision=PREC) + tl.dot(dm_ab, bh, input_precision=PREC)
+               + tl.dot(dm_ak, kh, input_precision=PREC))
+        dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
+                   + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
+        if restarted:
+            first = tl.load(s0_ptr + pid * N * N + tile)  # again: holding it across the chunk costs registers
+            do_f = tl.where(cont, 0.0, do)
+            dy_f = tl.where(cont, 0.0, dy)
+            drp += tl.dot(do_f, first, input_precision=PREC)
+            dap += tl.dot(dy_f, first, input_precision=PREC)
+            dfirst += (tl.dot(tl.trans(do_f), rp, input_precision=PREC)
+                       + tl.dot(tl.trans(dy_f), ap, input_precision=PREC))
+        dbh = tl.dot(tl.trans(dm_ab), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rb), rp, input_precision=PREC)
+        dkh = tl.dot(tl.trans(dm_ak), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rk), rp, input_precision=PREC)
+        dbbar = tl.dot(u, dS, input_precision=PREC)
+        dkbar = tl.dot(v, dS, input_precision=PREC)
+        decay_end = tl.exp(c_end)
+        dc_end = tl.sum(dS * enter, axis=0) * decay_end + tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
+        carried = dS * decay_end[None, :]
+        if restarted:
+            dfirst += carried
         else:
-            dS = _bwd_chunk(S, dS, first, dfirst, r, lw, k, v, a, b, do, rows * 0, rows, offs, *grads,
-                            L, LOG2L, PREC, False)
-    if RESETS:
-        _add_to(ds0_ptr + pid * N * N + tile, dS)
-    else:
-        tl.store(ds0_ptr + pid * N * N + tile, dS)
+            dS_prev += carried
+        dc = (drp * rp - dbh * bh - dkh * kh - dbbar * bbar - dkbar * kbar
+              + tl.where((rows == L - 1)[:, None], dc_end[None, :], 0.0))
+        dlw = (tl.dot(tl.trans(incl), dc, input_precision="ieee")
+               + tl.dot(tl.trans(strict), dap * ap, input_precision="ieee"))
+        tl.store(dr_ptr + offs, (drp * tl.exp(c)).to(dr_ptr.dtype.element_ty))
+        tl.store(dw_ptr + offs, dlw.to(dw_ptr.dtype.element_ty))
+        tl.store(dk_ptr + offs, (dkh * grow + dkbar * tail).to(dk_ptr.dtype.element_ty))
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
+        tl.store(da_ptr + offs, (dap * tl.exp(cex)).to(da_ptr.dtype.element_ty))
+        tl.store(db_ptr + offs, (dbh * grow + dbbar * tail).to(db_ptr.dtype.element_ty))
+        dS = dS_prev
+    tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -325,9 +274,8 @@ class _ChunkWKV7(torch.autograd.Function):
         ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device, dtype=torch.float32)
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
-        warps = settings["fwd_warps" if starts is None else "fwd_warps_restarts"]
         _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
-                       _precision(r.dtype), num_warps=warps)
+                       _precision(r.dtype), num_warps=settings["fwd_warps"])
         if save:
             ctx.save_for_backward(*inputs, s0, flags, ckpt)
             ctx.launch = L, log2l, starts is not None, settings["bwd_warps"]
