@@ -21,6 +21,7 @@
 #              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
 #       sixth  one GPU: GPU tests (graphs, chunked kernels), the chunked kernel's check and launch settings, then
 #              1.5B (a) and (c) packed with graphs + compile, and (a) without grad_cp
+#       keep   one GPU: 1.5B (a), (c) packed with graphs + compile and grad_cp_keep KEEP (default 4)
 #       eighth one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, (a) without
 #              grad_cp, then the graph GPU tests
 #       seventh one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, then the GPU
@@ -226,6 +227,11 @@ case "$PLAN" in
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
+    ;;
+  keep)  # one GPU, cold but for the shipped caches: 1.5B (a) and (c) packed with graphs + compile, grad_cp except
+         # for the last KEEP blocks (default 4)
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-keep "${KEEP:-4}"
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on --grad-cp-keep "${KEEP:-4}"
     ;;
   eighth)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, (a) without
            # grad_cp (its memory), then the GPU tests of the graphed step

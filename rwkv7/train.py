@@ -80,6 +80,8 @@ class TrainParams(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 turns clipping off")
     accumulate_grad_batches: int = Field(1, ge=1)
     grad_cp: bool = Field(False, description="recompute each block in backward (saves memory)")
+    grad_cp_keep: int = Field(0, ge=0, description="with grad_cp: the last N blocks keep their activations instead "
+                              "(faster; each costs memory: ~0.45 GB at 1.5B with ctx_len 512 × micro_bsz 8)")
     embedding_on_host: bool = Field(True, description="CUDA: keep the token embedding table in host memory (only "
                                     "the looked-up rows go to the GPU; saves V×C×2 bytes, 0.27 GB at 1.5B)")
     compile: bool = Field(False, description="torch.compile the blocks' non-WKV work (CUDA: fused elementwise "
@@ -357,6 +359,7 @@ def _optim(p: TrainParams, total_steps: int, layout: BatchLayout) -> OptimSettin
     return OptimSettings(lr_init=p.lr_init, lr_final=p.lr_final, total_steps=total_steps,
                          warmup_steps=p.warmup_steps, beta1=p.beta1, beta2=p.beta2, adam_eps=p.adam_eps,
                          weight_decay=p.weight_decay, loss_chunk=p.loss_chunk, grad_cp=p.grad_cp,
+                         grad_cp_keep=p.grad_cp_keep,
                          compile="inductor" if p.compile else None,
                          cuda_graphs=layout.graphs, wkv_backend=layout.wkv)
 

@@ -61,6 +61,7 @@ class OptimSettings:
     weight_decay: float = 0.0
     loss_chunk: int = 1024
     grad_cp: bool = False
+    grad_cp_keep: int = 0  # with grad_cp, the last blocks that keep their activations (no recompute)
     compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
     cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (padded or row-packed batches)
     wkv_backend: str | None = None  # rwkv7.wkv backend of the blocks during fit; None: rwkv7.wkv's default
@@ -346,7 +347,8 @@ class StateTuner(L.LightningModule):
         graphs), which fuses the norms, token shifts and elementwise work into fewer kernels (with CUDA graphs
         +37 % tokens/s on a 1.5B step on an H200 when only the mixers were compiled; BENCHMARKS.md), and so do
         the head's loss functions.
-        `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing).
+        `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing), but for the
+        last `grad_cp_keep`, which keep them (a trade of memory for speed between the two extremes).
         `cuda_graphs`: training batches (fixed shapes: padded or row-packed) run through `dense_loss` captured in a
         CUDA graph per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
         `wkv_backend`: the WKV kernel every block uses (e.g. "chunk", which also restarts packed rows).
@@ -363,7 +365,8 @@ class StateTuner(L.LightningModule):
             self._compiled = {fn: torch.compile(fn, backend=self.optim.compile)
                               for fn in (_chunk_ce, _chunk_ce_weighted, _chunk_kl)}
         if self.optim.grad_cp:
-            for block in self.model.blocks:
+            blocks = self.model.blocks
+            for block in blocks[:max(0, len(blocks) - self.optim.grad_cp_keep)]:
                 forward = vars(block).get("forward", type(block).forward.__get__(block))  # compiled or not
                 block.forward = functools.partial(checkpoint, forward, use_reentrant=False,
                                                   preserve_rng_state=False)  # no randomness in the model

@@ -151,15 +151,19 @@ def test_cuda_graphs_refuse_a_cpu_model() -> None:
 
 
 def test_activation_checkpointing_gives_the_same_gradient() -> None:
+    """All blocks recomputed, or all but the last `grad_cp_keep`: the same state gradient as none."""
     batch = pad_collate(token_samples(3, 12, seed=4))
     grads = []
-    for grad_cp in (False, True):
-        module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp))
+    for grad_cp, keep in ((False, 0), (True, 0), (True, 1)):
+        module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp,
+                                                        grad_cp_keep=keep))
         module.on_fit_start()
+        wrapped = ["forward" in vars(b) for b in module.model.blocks]
+        assert wrapped == [grad_cp, grad_cp and not keep]  # two blocks: the last one keeps when keep = 1
         module.batch_loss(batch)[0].backward()
         module.on_fit_end()
         grads.append(module.state_wkv.grad)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7) and grads[0].abs().sum() > 0
+    assert all(torch.allclose(grads[0], g, rtol=1e-5, atol=1e-7) for g in grads[1:]) and grads[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("grad_cp", [False, True])
