@@ -1,0 +1,100 @@
+"""Registers and spills of our chunked WKV-7 kernels on a GPU we do not have: compiled here, read by ptxas.
+
+Runs on the CPU machine (no GPU needed): Triton compiles `rwkv7.wkv_chunk._fwd` / `_bwd` for the target
+architecture (default sm_90a, the H200), and the ptxas that ships with Triton reports registers per thread, spill
+stores/loads and shared memory for each variant (rows with and without restarts, warps per program):
+
+    .venv/bin/python bench/kernel_regs.py [--arch 90] [--warps 4,8] [--dtype bf16] [--T 512] [--H 32]
+
+A kernel at 255 registers that spills keeps part of its tiles in local memory. Fewer spills did not make the
+kernels faster inside a graphed training step on the H200 (BENCHMARKS.md, sixth session): read this table as a
+hint, and let a profiled step decide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv7 import wkv_chunk  # noqa: E402
+
+FLOAT32_POINTERS = {"w_ptr", "dw_ptr", "s0_ptr", "ckpt_ptr", "final_ptr", "dfinal_ptr", "ds0_ptr"}
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def signature(kernel: triton.JITFunction, dtype: str) -> dict[str, str]:
+    """Triton types of the kernel's arguments: pointers by name (log decay, states: fp32; starts: i8; the rest:
+    `dtype`), every other argument a constexpr."""
+    types = {}
+    for name in kernel.arg_names:
+        if not name.endswith("_ptr"):
+            types[name] = "constexpr"
+        elif name == "starts_ptr":
+            types[name] = "*i8"
+        else:
+            types[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
+    return types
+
+
+def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    """registers, spill_stores, spill_loads (bytes) of the one kernel in `ptx`, from `ptxas -v`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        done = subprocess.run([str(PTXAS), f"-arch=sm_{arch}a", "-v", str(source), "-o", str(Path(tmp) / "k.o")],
+                              capture_output=True, text=True, check=True)
+    text = done.stdout + done.stderr
+    found = {key: re.search(pattern, text) for key, pattern in (("registers", r"Used (\d+) registers"),
+                                                                ("spill_stores", r"(\d+) bytes spill stores"),
+                                                                ("spill_loads", r"(\d+) bytes spill loads"))}
+    missing = [key for key, m in found.items() if m is None]
+    if missing:
+        raise RuntimeError(f"ptxas -v printed no {', '.join(missing)}:\n{text}")
+    return {key: int(m.group(1)) for key, m in found.items() if m is not None}
+
+
+def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, T: int, H: int,
+            arch: int) -> dict[str, int]:
+    """Compile one variant for `arch` and report its registers, spills and shared memory (bytes)."""
+    L = wkv_chunk.SETTINGS["chunk"]
+    constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts, "SAVE": True,
+                 "PREC": "ieee" if dtype == "fp32" else "tf32"}
+    types = signature(kernel, dtype)
+    source = ASTSource(fn=kernel, signature=types, constexprs={k: v for k, v in constants.items() if k in types})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return {**ptxas_report(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability ×10 (90: H100/H200)")
+    parser.add_argument("--warps", default="4,8", help="comma list of warps per program")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="dtype of r, k, v, a, b")
+    parser.add_argument("--T", type=int, default=512, help="sequence length (a multiple of 64)")
+    parser.add_argument("--H", type=int, default=32, help="heads")
+    parser.add_argument("--kernels", default="fwd,bwd", help="comma list of fwd, bwd")
+    args = parser.parse_args(argv)
+    print(f"| kernel | restarts | warps | registers | spill stores | spill loads | shared memory |\n"
+          f"|---|---|---|---|---|---|---|", flush=True)
+    for name in args.kernels.split(","):
+        kernel = {"fwd": wkv_chunk._fwd, "bwd": wkv_chunk._bwd}[name]
+        for restarts in (False, True):
+            for warps in map(int, args.warps.split(",")):
+                r = measure(kernel, restarts, warps, args.dtype, args.T, args.H, args.arch)
+                print(f"| {name} | {'yes' if restarts else 'no'} | {warps} | {r['registers']} | {r['spill_stores']} B "
+                      f"| {r['spill_loads']} B | {r['shared'] // 1024} KB |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
