@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -81,6 +82,22 @@ def test_a_nan_step_stops_the_run_at_the_next_step_with_the_state_before_it() ->
     assert len(states) == 4 and [r["step"] for r in module.history] == [1, 2]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in module.history)
     assert torch.equal(stopped.value.last_good, states[1]) and not torch.equal(states[1], states[0])
+
+
+def test_embedding_rows_looked_up_before_the_transfer_give_the_same_loss() -> None:
+    """`Batch.embedded` (what `on_before_batch_transfer` fills on CUDA with the table on the host) is used as it is:
+    the same loss as looking the tokens up, and other rows give another loss."""
+    module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1))
+    batch = pad_collate(token_samples(3, 12, seed=6))
+    rows = module.model.emb(batch.tokens)
+    with torch.no_grad():
+        plain = module.batch_loss(batch)[0]
+        looked_up = module.batch_loss(dataclasses.replace(batch, embedded=rows.clone()))[0]
+        other = module.batch_loss(dataclasses.replace(batch, embedded=rows.flip(0)))[0]
+        dense = module.dense_loss(module.state_wkv, *module.graph_inputs(dataclasses.replace(batch, embedded=rows)))
+    assert looked_up.item() == pytest.approx(plain.item(), rel=1e-6) and dense.item() == pytest.approx(plain.item())
+    assert other.item() != pytest.approx(plain.item(), rel=1e-3)
+    assert module.on_before_batch_transfer(batch, 0) is batch  # CPU: nothing to pin, nothing looked up early
 
 
 def test_a_samples_loss_is_the_same_alone_padded_in_a_batch_and_packed() -> None:
