@@ -308,11 +308,15 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, Triton)")
 @pytest.mark.parametrize("backend", ["chunk", "triton"])
-def test_cuda_graph_replays_of_packed_rows_through_our_kernels_match_eager_steps(backend: str) -> None:
+def test_cuda_graph_replays_of_packed_rows_through_our_kernels_match_eager_steps(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Packed rows (one shape of rows, restarts at each sample; one graph per number of scored positions)
     captured with our WKV kernels: each replay gives the eager loss and state gradient, and the eager loss equals
     the masked loss of the same samples padded one per row."""
     pytest.importorskip("triton")
+    # The step-by-step kernel's default backward adds with atomics: its order changes from run to run, and bf16
+    # rounding downstream can turn that into more than the tolerance (seen once, call S). Deterministic here.
+    monkeypatch.setenv("STATETUNE_WKV_TRITON", "atomic=0")
     sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=0)
     module = StateTuner(build_model(sd, inspect_checkpoint(sd), device="cuda"),
                         OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=True, loss_chunk=256,

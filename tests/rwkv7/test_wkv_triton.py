@@ -79,10 +79,11 @@ def errors(B: int, T: int, H: int, dtype: str = "float32", strongest_decay: bool
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("settings", ["block_v=64,num_warps=4", "block_v=16,num_warps=1", "block_v=16,atomic=1"])
+@pytest.mark.parametrize("settings", ["block_v=64,num_warps=4", "block_v=16,num_warps=1", "block_v=16,atomic=0"])
 def test_triton_kernels_match_the_reference_in_outputs_final_state_and_every_gradient(settings: str) -> None:
     """T = 37 crosses two re-anchoring checkpoints (every 16 steps) and ends between them; one program per
-    head, or four that split the value rows (their key-side gradients summed afterwards or atomically)."""
+    head, or four that split the value rows (their key-side gradients added atomically, the default, or written
+    per block and summed afterwards: atomic=0)."""
     errs = errors(B=2, T=37, H=2, settings=settings)
     assert set(errs) == {"out", "final", "dr", "dlog_decay", "dk", "dv", "da", "db", "dinitial_state"}
     assert all(e < 1e-4 for e in errs.values()), errs
