@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def kr():  # noqa: ANN201 - the script module
-    spec = importlib.util.spec_from_file_location("kernel_regs", REPO / "bench" / "kernel_regs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernel_regs"] = module
-    spec.loader.exec_module(module)
+def kr(load_script):  # noqa: ANN001, ANN201 - the script module
+    module = load_script("kernel_regs")
     if not module.PTXAS.is_file():
         pytest.skip(f"this Triton ships no ptxas ({module.PTXAS})")
     return module

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def ts():  # noqa: ANN201 - the script module
-    spec = importlib.util.spec_from_file_location("train_speed", REPO / "bench" / "train_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_speed"] = module
-    spec.loader.exec_module(module)
-    return module
+def ts(load_script):  # noqa: ANN001, ANN201 - the script module
+    return load_script("train_speed")
 
 
 def test_workloads_are_long_truncated_samples_or_short_dialogues(ts) -> None:  # noqa: ANN001
