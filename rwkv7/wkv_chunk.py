@@ -79,6 +79,14 @@ def _segments(starts_ptr, row_base, rows, RESETS: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs):
+    """A chunk's inputs at `offs` as float32 [L, N] tiles: (r, log decay, k, v, a, b)."""
+    return (tl.load(r_ptr + offs).to(tl.float32), tl.load(w_ptr + offs).to(tl.float32),
+            tl.load(k_ptr + offs).to(tl.float32), tl.load(v_ptr + offs).to(tl.float32),
+            tl.load(a_ptr + offs).to(tl.float32), tl.load(b_ptr + offs).to(tl.float32))
+
+
+@triton.jit
 def _unit_lower_inverse(m, rows, LOG2L: tl.constexpr):
     """(I − m)⁻¹ for a strictly lower triangular [L, L] m: (I + m)(I + m²)(I + m⁴)…(I + m^(L/2))."""
     inv = (rows[:, None] == rows[None, :]).to(tl.float32) + m
@@ -129,12 +137,7 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
         if SAVE:
             tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S)
         offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
-        r = tl.load(r_ptr + offs).to(tl.float32)
-        lw = tl.load(w_ptr + offs).to(tl.float32)
-        k = tl.load(k_ptr + offs).to(tl.float32)
-        v = tl.load(v_ptr + offs).to(tl.float32)
-        a = tl.load(a_ptr + offs).to(tl.float32)
-        b = tl.load(b_ptr + offs).to(tl.float32)
+        r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
@@ -175,12 +178,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         ci = NC - 1 - i
         S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile)
         offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
-        r = tl.load(r_ptr + offs).to(tl.float32)
-        lw = tl.load(w_ptr + offs).to(tl.float32)
-        k = tl.load(k_ptr + offs).to(tl.float32)
-        v = tl.load(v_ptr + offs).to(tl.float32)
-        a = tl.load(a_ptr + offs).to(tl.float32)
-        b = tl.load(b_ptr + offs).to(tl.float32)
+        r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         do = tl.load(dout_ptr + offs).to(tl.float32)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, _m_ab, m_ak, m_rb, m_rk,
