@@ -51,6 +51,15 @@ def env_settings(defaults: dict[str, int], env: str, example: str) -> dict[str, 
     return settings
 
 
+def kernel_inputs(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor,
+                  starts: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+    """What our Triton kernels read: `(r, log_decay, k, v, a, b` contiguous`, s0` float32`, restart flags` int8,
+    empty without `starts`)."""
+    flags = (torch.empty(0, dtype=torch.int8, device=r.device) if starts is None
+             else starts.to(torch.int8).contiguous())
+    return [x.contiguous() for x in (r, log_decay, k, v, a, b)], s0.float().contiguous(), flags
+
+
 def run_padded(kernel: Callable[..., tuple[Tensor, Tensor]], step: int, r: Tensor, log_decay: Tensor, k: Tensor,
                v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor, starts: Tensor | None
                ) -> tuple[Tensor, Tensor]:

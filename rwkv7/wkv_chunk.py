@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rwkv7.wkv import env_settings, run_padded
+from rwkv7.wkv import env_settings, kernel_inputs, run_padded
 
 T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled kernel per 64 tokens of length)
 # Launch settings: chunk length and warps per program of each kernel. STATETUNE_WKV_CHUNK="chunk=32,fwd_warps=4"
@@ -263,10 +263,7 @@ class _ChunkWKV7(torch.autograd.Function):
         if B * H * (T // L) * N * N >= 2**31:  # the kernels' offsets are 32-bit (the largest: chunk-start states)
             raise ValueError(f"WKV input [B={B}, T={T}, H={H}] is too large for the chunked kernels' 32-bit offsets; "
                              "use fewer rows per micro-batch or a shorter ctx_len")
-        inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
-        s0 = s0.float().contiguous()
-        flags = (torch.empty(0, dtype=torch.int8, device=r.device) if starts is None
-                 else starts.to(torch.int8).contiguous())
+        inputs, s0, flags = kernel_inputs(r, log_decay, k, v, a, b, s0, starts)
         save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
         ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device, dtype=torch.float32)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rwkv7.wkv import env_settings, run_padded
+from rwkv7.wkv import env_settings, kernel_inputs, run_padded
 
 CHUNK = 16
 T_STEP = 64  # sequence lengths are padded to a multiple of this: one compiled kernel per 64 tokens of length
@@ -207,10 +207,7 @@ class _WKV7(torch.autograd.Function):
         block_v, num_warps = settings["block_v"], settings["num_warps"]
         if N % block_v:
             raise ValueError(f"block_v={block_v} must divide the head size {N}")
-        inputs = [x.contiguous() for x in (r, log_decay, k, v, a, b)]
-        s0 = s0.float().contiguous()
-        flags = (torch.empty(0, dtype=torch.int8, device=r.device) if starts is None
-                 else starts.to(torch.int8).contiguous())
+        inputs, s0, flags = kernel_inputs(r, log_decay, k, v, a, b, s0, starts)
         out = torch.empty_like(inputs[0])
         sa = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
         ckpt = torch.empty(B, H, T // CHUNK, N, N, device=r.device, dtype=torch.float32)
