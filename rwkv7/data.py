@@ -239,19 +239,6 @@ class BucketBatchSampler(Sampler[list[int]]):
         return [b[self.rank::self.num_replicas] for b in batches if len(b) >= self.num_replicas]
 
 
-def _first_fit(free: list[int], n: int, width: int, rows: int) -> int | None:
-    """Row for an item of n tokens: the first with room (opening a new one while fewer than `rows` are open),
-    or None; updates `free` (room left per open row)."""
-    row = next((r for r, room in enumerate(free) if room >= n), None)
-    if row is None:
-        if len(free) == rows or n > width:
-            return None
-        free.append(width)
-        row = len(free) - 1
-    free[row] -= n
-    return row
-
-
 def first_fit_rows(lengths: Sequence[int], width: int, rows: int) -> list[list[int]] | None:
     """Place items of `lengths` (in this order) into at most `rows` rows of `width`, each into the first row with
     room: positions per row, or None if some item does not fit. `pack_rows_collate` lays a batch out this way;
@@ -261,13 +248,16 @@ def first_fit_rows(lengths: Sequence[int], width: int, rows: int) -> list[list[i
     [[0, 2], [1, 3]]
     """
     layout: list[list[int]] = []
-    free: list[int] = []
+    free: list[int] = []  # room left per open row
     for i, n in enumerate(lengths):
-        row = _first_fit(free, n, width, rows)
+        row = next((r for r, room in enumerate(free) if room >= n), None)
         if row is None:
-            return None
-        if row == len(layout):
+            if len(free) == rows or n > width:
+                return None
+            free.append(width)
             layout.append([])
+            row = len(free) - 1
+        free[row] -= n
         layout[row].append(i)
     return layout
 
