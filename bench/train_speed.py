@@ -17,15 +17,16 @@ losses mean anything):
   a  ctx_len 512,  micro_bsz 8, every sample longer than ctx_len (RWKV-PEFT's tutorial), loss on all tokens
   b  ctx_len 1024, micro_bsz 1, every sample longer than ctx_len (RWKV-PEFT's memory table), loss on all tokens
   c  short dialogues of 50-300 tokens, loss on the reply half, micro_bsz 24 (about as many tokens per step as a);
-     packed (`--pack on`): micro_bsz 8 rows of 512 tokens, each holding as many whole dialogues as fit
+     packed (`--pack on`): micro_bsz 8 rows of 512 tokens, each filled with the whole dialogues that fill it best
 
 Measured per row: real (non-padding) tokens/s as the median over the steps after `--warmup` (wall clock
-between optimizer steps; the trainer syncs once per step), peak memory as `torch.cuda.max_memory_allocated`
-and as the whole process's use read by NVML every 10 ms (CUDA context included), both from the moment the
-weights start loading; time to first step from the process start (imports, model load, Triton/compile caches,
-first forward/backward/optimizer step); and the loss of the last step (`final_loss`) and the mean of the last
-five (`loss_last5`). Prints one table last and appends rows to `--json`.
-Variants: `--grad-cp on,off`, `--compile on,off` (TrainParams.compile: torch.compile of each block's two halves),
+between optimizer steps, as the trainer reads each step's loss back, one step late), peak memory as
+`torch.cuda.max_memory_allocated` and as the whole process's use read by NVML every 10 ms (CUDA context
+included), both from the moment the weights start loading; time to first step from the process start (imports,
+model load, Triton/compile caches, first forward/backward/optimizer step); and the loss of the last step
+(`final_loss`) and the mean of the last five (`loss_last5`). Prints one table last and appends rows to `--json`.
+Variants: `--grad-cp on,off` (`--grad-cp-keep N`: the last N blocks keep their activations), `--compile on,off`
+(TrainParams.compile: torch.compile of whole blocks and the head's loss),
 `--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
 or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`; `--emb-host off` keeps the embedding
 table on the GPU; `--wkv chunk,fla,triton` picks the WKV kernel (TrainParams.wkv_kernel; default auto);
@@ -316,7 +317,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     losses = [r["loss"] for r in history]
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
-        "grad_cp": spec.grad_cp, "grad_cp_keep": spec.cp_keep, "compile": spec.compile, "graphs": spec.graphs, "emb_host": spec.emb_host,
+        "grad_cp": spec.grad_cp, "grad_cp_keep": spec.cp_keep, "compile": spec.compile, "graphs": spec.graphs,
+        "emb_host": spec.emb_host,
         "wkv": layout.wkv, "pack": layout.pack, "micro_bsz": params.micro_bsz,
         "nvml_period": spec.nvml_period,
         "fla_chunk": spec.fla_chunk, "devices": spec.devices,
