@@ -26,6 +26,9 @@
 #              grad_cp, then the graph GPU tests
 #       seventh one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, then the GPU
 #              tests and the chunked kernel's check
+#       ninth  one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile and selective
+#              checkpointing (the last KEEP blocks kept, default 0), (a) with full checkpointing, then the GPU tests
+#              of the graphed step and the chunked kernels, and the kernel check
 #       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -232,6 +235,18 @@ case "$PLAN" in
          # for the last KEEP blocks (default 4)
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-keep "${KEEP:-4}"
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on --grad-cp-keep "${KEEP:-4}"
+    ;;
+  ninth)  # one GPU, cold but for the shipped caches: selective checkpointing on (a) and (c) packed, then full
+           # checkpointing on (a) (the same call's baseline), then the GPU tests and the chunked kernel's check
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+      --grad-cp-keep "${KEEP:-0}"
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
+      --grad-cp-policy selective --grad-cp-keep "${KEEP:-0}"
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 80)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
     ;;
   eighth)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, (a) without
            # grad_cp (its memory), then the GPU tests of the graphed step

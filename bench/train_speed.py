@@ -25,7 +25,8 @@ between optimizer steps, as the trainer reads each step's loss back, one step la
 included), both from the moment the weights start loading; time to first step from the process start (imports,
 model load, Triton/compile caches, first forward/backward/optimizer step); and the loss of the last step
 (`final_loss`) and the mean of the last five (`loss_last5`). Prints one table last and appends rows to `--json`.
-Variants: `--grad-cp on,off` (`--grad-cp-keep N`: the last N blocks keep their activations), `--compile on,off`
+Variants: `--grad-cp on,off` (`--grad-cp-keep N`: the last N blocks keep their activations; `--grad-cp-policy
+selective`: only the cheap stages are recomputed, table `cp` 1s), `--compile on,off`
 (TrainParams.compile: torch.compile of whole blocks and the head's loss),
 `--graphs on,off` (TrainParams.cuda_graphs: padded fixed-shape batches through a replayed CUDA graph per shape,
 or packed varlen rows launched kernel by kernel), `--fla-chunk 64,16`; `--emb-host off` keeps the embedding
@@ -121,6 +122,7 @@ class Spec:
     wkv: str = ""  # TrainParams.wkv_kernel (chunk, fla, triton); "" = auto
     pack: bool = False  # TrainParams.pack
     cp_keep: int = 0  # TrainParams.grad_cp_keep
+    cp_policy: str = "full"  # TrainParams.grad_cp_policy
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -275,6 +277,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     device = torch.device(spec.device)
     params = TrainParams(ctx_len=w.ctx_len, micro_bsz=w.micro_bsz, max_steps=spec.steps, lr_init=spec.lr,
                          lr_final=spec.lr / 100, grad_cp=spec.grad_cp, grad_cp_keep=spec.cp_keep,
+                         grad_cp_policy=spec.cp_policy,
                          loss_chunk=spec.loss_chunk,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
                          progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
@@ -317,7 +320,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     losses = [r["loss"] for r in history]
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
-        "grad_cp": spec.grad_cp, "grad_cp_keep": spec.cp_keep, "compile": spec.compile, "graphs": spec.graphs,
+        "grad_cp": spec.grad_cp, "grad_cp_keep": spec.cp_keep, "grad_cp_policy": spec.cp_policy,
+        "compile": spec.compile, "graphs": spec.graphs,
         "emb_host": spec.emb_host,
         "wkv": layout.wkv, "pack": layout.pack, "micro_bsz": params.micro_bsz,
         "nvml_period": spec.nvml_period,
@@ -340,7 +344,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 
 def row_name(spec: Spec) -> str:
-    keep = f"k{spec.cp_keep}" if spec.cp_keep else ""
+    keep = ("s" if spec.cp_policy == "selective" else "") + (f"k{spec.cp_keep}" if spec.cp_keep else "")
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}{keep}-c{int(spec.compile)}-"
             f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvauto'}-p{int(spec.pack)}-k{spec.fla_chunk}-"
             f"d{spec.devices}-"
@@ -445,7 +449,8 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
                  nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
-                 wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep)
+                 wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep,
+                 cp_policy=args.grad_cp_policy)
             for m, w, p, g, c, cg, f, wkv, pack in itertools.product(
                 split(args.models), split(args.workloads), split(args.precisions), grad_cps, compiles, graphs,
                 split(args.fla_chunk), split(args.wkv) or [""], split(args.pack))]
@@ -484,7 +489,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         wkv = r.get("wkv") or "default"
         wkv = f"fla{r['fla_chunk']}" if wkv in ("default", "fla") else {"reference": "ref"}.get(wkv, wkv)
-        cp = f"{int(r['grad_cp'])}" + (f"-{r['grad_cp_keep']}" if r.get("grad_cp_keep") else "")  # 1-4: 4 kept
+        cp = (f"{int(r['grad_cp'])}" + ("s" if r.get("grad_cp_policy") == "selective" else "")  # 1s: selective
+              + (f"-{r['grad_cp_keep']}" if r.get("grad_cp_keep") else ""))  # 1-4: 4 kept
         start = (f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {cp:2} | "
                  f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {wkv:6} | "
                  f"{ {True: '1', 'on': '1', False: '0', 'off': '0'}.get(r.get('pack', False), '?')}  | "
@@ -517,6 +523,8 @@ def main() -> int:
     parser.add_argument("--grad-cp", default="on", help="comma list of on, off (activation checkpointing)")
     parser.add_argument("--grad-cp-keep", type=int, default=0,
                         help="TrainParams.grad_cp_keep: the last N blocks keep their activations")
+    parser.add_argument("--grad-cp-policy", default="full", choices=("full", "selective"),
+                        help="TrainParams.grad_cp_policy: what grad_cp recomputes (whole blocks, or the cheap stages)")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
     parser.add_argument("--wkv", default="", help="comma list of WKV kernels (fla, chunk, triton); default: auto "

@@ -70,24 +70,33 @@ class TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
         self.wkv_backend: str | None = None  # rwkv7.wkv backend; None: its default (a trainer may pick one)
 
-    def forward(self, u: Tensor, prev: Tensor, v_first: Tensor | None, wkv_state: Tensor,
-                cu_seqlens: Tensor | None, starts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """`u, prev [B, T, C]` (LN1 output and its shift) → (delta [B, T, C], wkv [S, H, N, N], v_first)."""
-        B, T, C = u.shape
-        H, N = self.n_head, self.head_size
+    def mix(self, u: Tensor, prev: Tensor) -> tuple[Tensor, ...]:
+        """`u, prev [B, T, C]` (LN1 output and its shift) → the six mixed inputs (r, w, k, v, a, g)."""
         delta = prev - u
-        xr, xw, xk, xv, xa, xg = (u + delta * mix for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a,
-                                                               self.x_g))
-        r = self.receptance(xr)
-        k = self.key(xk)
-        v = self.value(xv)
-        log_decay = W_LOG_DECAY_MIN * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
-        iclr = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        gate = torch.sigmoid(xg @ self.g1) @ self.g2
+        return tuple(u + delta * mix for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+    def project(self, xr: Tensor, xw: Tensor, xk: Tensor, xv: Tensor, xa: Tensor, xg: Tensor
+                ) -> tuple[Tensor, ...]:
+        """The frozen projections of the mixed inputs: (r, k, v [B, T, C], and the low-rank gates' first halves
+        for w, a, g and v; v's is None in layer 0, which has no v gate). Matrix products only: with frozen weights
+        their backward needs no saved activations."""
+        v_low = xv @ self.v1 if self.layer_id > 0 else None
+        return self.receptance(xr), self.key(xk), self.value(xv), xw @ self.w1, xa @ self.a1, xg @ self.g1, v_low
+
+    def recur(self, r: Tensor, k: Tensor, v: Tensor, w_low: Tensor, a_low: Tensor, g_low: Tensor,
+              v_low: Tensor | None, v_first: Tensor | None, wkv_state: Tensor, cu_seqlens: Tensor | None = None,
+              starts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`project`'s outputs, `v_first` (layer 0's v; None in layer 0) and the WKV state → (the output
+        projection's input [B, T, C], wkv [S, H, N, N], v_first): the gates, WKV-7, GroupNorm and the bonus."""
+        B, T, C = r.shape
+        H, N = self.n_head, self.head_size
+        log_decay = W_LOG_DECAY_MIN * torch.sigmoid((self.w0 + torch.tanh(w_low) @ self.w2).float())
+        iclr = torch.sigmoid(self.a0 + a_low @ self.a2)
+        gate = torch.sigmoid(g_low) @ self.g2
         if self.layer_id == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + v_low @ self.v2)
         kappa = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (iclr - 1) * self.k_a)
         r4, k4, v4, iclr4 = (x.view(B, T, H, N) for x in (r, k, v, iclr))
@@ -95,7 +104,7 @@ class TimeMix(nn.Module):
                               cu_seqlens=cu_seqlens, starts=starts, backend=self.wkv_backend)
         out = self.ln_x(out.reshape(B * T, C)).view(B, T, H, N)
         bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
-        return self.output((out + bonus).view(B, T, C) * gate), wkv_state, v_first
+        return (out + bonus).view(B, T, C) * gate, wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
@@ -108,8 +117,10 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(C, 4 * C, bias=False)
         self.value = nn.Linear(4 * C, C, bias=False)
 
-    def forward(self, z: Tensor, prev: Tensor) -> Tensor:
-        return self.value(torch.relu(self.key(z + (prev - z) * self.x_k)) ** 2)
+    def hidden(self, z: Tensor, prev: Tensor) -> Tensor:
+        """`z, prev [B, T, C]` (LN2 output and its shift) → the squared-ReLU hidden layer [B, T, 4C]; `value`
+        projects it back (`Block.forward`)."""
+        return torch.relu(self.key(z + (prev - z) * self.x_k)) ** 2
 
 
 class Block(nn.Module):
@@ -125,14 +136,32 @@ class Block(nn.Module):
     def forward(self, x: Tensor, v_first: Tensor | None, att_shift: Tensor, wkv: Tensor, ffn_shift: Tensor,
                 cu_seqlens: Tensor | None, starts: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x [B, T, C] and this layer's state → (x, v_first, att_shift [S, C], wkv [S, H, N, N], ffn_shift)."""
+        """x [B, T, C] and this layer's state → (x, v_first, att_shift [S, C], wkv [S, H, N, N], ffn_shift).
+
+        Written as stages so that a trainer can recompute the cheap ones in backward and keep the rest
+        (`rwkv7.tuning.wrap_blocks`): `att_inputs`, `att.recur` and `ffn_hidden` hold all the elementwise work,
+        the norms and the WKV; between them run the frozen projections, whose backward needs no activations.
+        """
+        mixed, att_shift = self.att_inputs(x, att_shift, cu_seqlens, starts)
+        y, wkv, v_first = self.att.recur(*self.att.project(*mixed), v_first, wkv, cu_seqlens=cu_seqlens,
+                                         starts=starts)
+        x = x + self.att.output(y)
+        hidden, ffn_shift = self.ffn_hidden(x, ffn_shift, cu_seqlens, starts)
+        return x + self.ffn.value(hidden), v_first, att_shift, wkv, ffn_shift
+
+    def att_inputs(self, x: Tensor, att_shift: Tensor, cu_seqlens: Tensor | None, starts: Tensor | None
+                   ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """LN1, token shift and mixing: (the attention projections' six inputs, this layer's next att_shift)."""
         u = self.ln1(x)
         prev, att_shift = token_shift(u, att_shift, cu_seqlens, starts)
-        delta, wkv, v_first = self.att(u, prev, v_first, wkv, cu_seqlens, starts)
-        x = x + delta
+        return self.att.mix(u, prev), att_shift
+
+    def ffn_hidden(self, x: Tensor, ffn_shift: Tensor, cu_seqlens: Tensor | None, starts: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
+        """LN2, token shift, the FFN's key projection and squared ReLU: (hidden [B, T, 4C], next ffn_shift)."""
         z = self.ln2(x)
         prev, ffn_shift = token_shift(z, ffn_shift, cu_seqlens, starts)
-        return x + self.ffn(z, prev), v_first, att_shift, wkv, ffn_shift
+        return self.ffn.hidden(z, prev), ffn_shift
 
 
 class RWKV7(nn.Module):

@@ -82,6 +82,11 @@ class TrainParams(BaseModel):
     grad_cp: bool = Field(False, description="recompute each block in backward (saves memory)")
     grad_cp_keep: int = Field(0, ge=0, description="with grad_cp: the last N blocks keep their activations instead "
                               "(faster; each costs memory: ~0.45 GB at 1.5B with ctx_len 512 × micro_bsz 8)")
+    grad_cp_policy: Literal["full", "selective"] = Field(
+        "full", description="with grad_cp, what the other blocks recompute: full (everything; least memory) or "
+                            "selective (norms, gates, WKV and the FFN's key only; keeps the attention projections' "
+                            "outputs: 1/3 of the recomputed matrix products for ~4 more [micro_bsz, ctx_len, C] "
+                            "tensors per block)")
     embedding_on_host: bool = Field(True, description="CUDA: keep the token embedding table in host memory (only "
                                     "the looked-up rows go to the GPU; saves V×C×2 bytes, 0.27 GB at 1.5B)")
     compile: bool = Field(False, description="torch.compile the blocks' non-WKV work (CUDA: fused elementwise "
@@ -359,7 +364,7 @@ def _optim(p: TrainParams, total_steps: int, layout: BatchLayout) -> OptimSettin
     return OptimSettings(lr_init=p.lr_init, lr_final=p.lr_final, total_steps=total_steps,
                          warmup_steps=p.warmup_steps, beta1=p.beta1, beta2=p.beta2, adam_eps=p.adam_eps,
                          weight_decay=p.weight_decay, loss_chunk=p.loss_chunk, grad_cp=p.grad_cp,
-                         grad_cp_keep=p.grad_cp_keep,
+                         grad_cp_keep=p.grad_cp_keep, grad_cp_policy=p.grad_cp_policy,
                          compile="inductor" if p.compile else None,
                          cuda_graphs=layout.graphs, wkv_backend=layout.wkv)
 

@@ -62,6 +62,7 @@ class OptimSettings:
     loss_chunk: int = 1024
     grad_cp: bool = False
     grad_cp_keep: int = 0  # with grad_cp, the last blocks that keep their activations (no recompute)
+    grad_cp_policy: str = "full"  # with grad_cp, what the other blocks recompute (wrap_blocks: full or selective)
     compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
     cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (padded or row-packed batches)
     wkv_backend: str | None = None  # rwkv7.wkv backend of the blocks during fit; None: rwkv7.wkv's default
@@ -146,21 +147,55 @@ def _chunked_head_loss(fn: Callable[..., Tensor], head: nn.Module, chunk: int, *
     return total
 
 
-def compile_blocks(model: RWKV7, backend: str = "inductor") -> None:
-    """torch.compile every block's forward in place (an instance attribute; `del` undoes it).
+GRAD_CP_POLICIES = ("full", "selective")
 
-    The WKV kernel is opaque to the compiler (`rwkv7.wkv.wkv7`), so a block compiles to two graphs around it:
-    layer norm, token shift (with its restarts), the mixing and the projections before; GroupNorm, bonus, output,
-    the residual and the whole channel mix after. All blocks but the first share their graphs (same code, same
+
+def _stages(block: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
+    """The cheap stages of a block (`rwkv7.model.Block.forward`): all its elementwise work, norms and the WKV."""
+    return (block, "att_inputs"), (block.att, "recur"), (block, "ffn_hidden")
+
+
+def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: str | None = None, keep: int = 0) -> None:
+    """Wrap the blocks of `model` in place for training (instance attributes; `unwrap_blocks` undoes it).
+
+    `compile` (a torch.compile backend): the WKV kernel is opaque to the compiler (`rwkv7.wkv.wkv7`), so a block
+    compiles to two graphs around it (norms, token shift with its restarts and mixing before; GroupNorm, bonus,
+    output, residual and the channel mix after). All blocks but the first share their graphs (same code, same
     shapes), so compiling costs about two blocks' worth, not L; the cache limit is raised so the per-instance
     guards never fall back to eager.
+    `grad_cp` (a policy of GRAD_CP_POLICIES), for all blocks but the last `keep`: "full" recomputes each block's
+    activations in backward (non-reentrant checkpointing: only the block's input stays); "selective" recomputes
+    only its cheap stages (`_stages`: norms, token shift, gates, WKV, GroupNorm, the FFN's key and squared ReLU)
+    and keeps the outputs of the attention's frozen projections (r, k, v and the gates' low-rank halves; the
+    projections themselves need no activations for their backward), so the backward repeats 1/3 of the block's
+    matrix products instead of all of them, for 4 more [B, T, C] tensors per block.
     """
-    dynamo = torch._dynamo.config
-    dynamo.cache_size_limit = max(dynamo.cache_size_limit, 2 * len(model.blocks))
-    if hasattr(dynamo, "accumulated_cache_size_limit"):
-        dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 8 * len(model.blocks))
+    if grad_cp is not None and grad_cp not in GRAD_CP_POLICIES:
+        raise ValueError(f"grad_cp policy must be one of {GRAD_CP_POLICIES}, got {grad_cp!r}")
+    blocks = model.blocks
+    if compile:
+        dynamo = torch._dynamo.config
+        dynamo.cache_size_limit = max(dynamo.cache_size_limit, 2 * len(blocks))
+        if hasattr(dynamo, "accumulated_cache_size_limit"):
+            dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 8 * len(blocks))
+    for i, block in enumerate(blocks):
+        policy = grad_cp if i < len(blocks) - keep else None
+        if not (compile or policy):
+            continue
+        for owner, name in _stages(block) if policy == "selective" else ((block, "forward"),):
+            fn = getattr(owner, name)
+            if compile:
+                fn = torch.compile(fn, backend=compile)
+            if policy:
+                fn = functools.partial(checkpoint, fn, use_reentrant=False, preserve_rng_state=False)  # no randomness
+            setattr(owner, name, fn)
+
+
+def unwrap_blocks(model: RWKV7) -> None:
+    """Undo `wrap_blocks`: every block runs its plain methods again."""
     for block in model.blocks:
-        block.forward = torch.compile(type(block).forward.__get__(block), backend=backend)
+        for owner, name in ((block, "forward"), *_stages(block)):
+            owner.__dict__.pop(name, None)
 
 
 class StateTuner(L.LightningModule):
@@ -343,12 +378,13 @@ class StateTuner(L.LightningModule):
 
         `embedding_on_host`: the token embedding table (`V × C`, 0.27 GB at 1.5B) stays in host memory, where
         lookups are cheap; only the looked-up rows travel to the GPU.
-        `compile`: each block goes through torch.compile (`compile_blocks`; the WKV kernel stays outside the
+        `compile`: each block goes through torch.compile (`wrap_blocks`; the WKV kernel stays outside the
         graphs), which fuses the norms, token shifts and elementwise work into fewer kernels (with CUDA graphs
         +37 % tokens/s on a 1.5B step on an H200 when only the mixers were compiled; BENCHMARKS.md), and so do
         the head's loss functions.
-        `grad_cp`: each block recomputes its activations in backward (non-reentrant checkpointing), but for the
-        last `grad_cp_keep`, which keep them (a trade of memory for speed between the two extremes).
+        `grad_cp`: each block recomputes activations in backward (non-reentrant checkpointing), but for the
+        last `grad_cp_keep`, which keep them (a trade of memory for speed between the two extremes);
+        `grad_cp_policy` says what is recomputed: the whole block ("full") or its cheap stages ("selective").
         `cuda_graphs`: training batches (fixed shapes: padded or row-packed) run through `dense_loss` captured in a
         CUDA graph per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
         `wkv_backend`: the WKV kernel every block uses (e.g. "chunk", which also restarts packed rows).
@@ -360,16 +396,11 @@ class StateTuner(L.LightningModule):
         if self.embedding_on_host and self.model.device.type == "cuda":
             self.model.emb.to("cpu")  # Lightning moved the whole module to the GPU; the table goes back
             torch.cuda.empty_cache()
+        wrap_blocks(self.model, self.optim.compile, self.optim.grad_cp_policy if self.optim.grad_cp else None,
+                    self.optim.grad_cp_keep)
         if self.optim.compile:
-            compile_blocks(self.model, self.optim.compile)
             self._compiled = {fn: torch.compile(fn, backend=self.optim.compile)
                               for fn in (_chunk_ce, _chunk_ce_weighted, _chunk_kl)}
-        if self.optim.grad_cp:
-            blocks = self.model.blocks
-            for block in blocks[:max(0, len(blocks) - self.optim.grad_cp_keep)]:
-                forward = vars(block).get("forward", type(block).forward.__get__(block))  # compiled or not
-                block.forward = functools.partial(checkpoint, forward, use_reentrant=False,
-                                                  preserve_rng_state=False)  # no randomness in the model
         if self.optim.cuda_graphs:
             if self.model.device.type != "cuda" or self.distill_prefix is not None:
                 raise ValueError("cuda_graphs needs a CUDA device and the cross-entropy loss (no distill_prefix)")
@@ -378,10 +409,9 @@ class StateTuner(L.LightningModule):
     def on_fit_end(self) -> None:
         self._graphed = None
         self._compiled = {}
+        unwrap_blocks(self.model)
         for block in self.model.blocks:
             block.att.wkv_backend = None
-            for module in (block, block.att, block.ffn):
-                module.__dict__.pop("forward", None)
         self.model.emb.to(self.model.device)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -167,30 +167,63 @@ def test_cuda_graphs_refuse_a_cpu_model() -> None:
         module.on_fit_start()
 
 
-def test_activation_checkpointing_gives_the_same_gradient() -> None:
-    """All blocks recomputed, or all but the last `grad_cp_keep`: the same state gradient as none."""
+class CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the 2-D matrix products dispatched while active (the projections; the reference WKV uses bmm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+CHEAP_STAGES = ("att_inputs", "recur", "ffn_hidden")
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradient_and_recomputes_what_its_policy_says(policy: str) -> None:
+    """All blocks recomputed, or all but the last `grad_cp_keep`: the same state gradient as none. "full" reruns
+    every matrix product of a block in backward; "selective" only the FFN's key and the gates' second halves."""
     batch = pad_collate(token_samples(3, 12, seed=4))
-    grads = []
+    grads, backward_matmuls = [], []
     for grad_cp, keep in ((False, 0), (True, 0), (True, 1)):
         module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp,
-                                                        grad_cp_keep=keep))
+                                                        grad_cp_keep=keep, grad_cp_policy=policy))
         module.on_fit_start()
-        wrapped = ["forward" in vars(b) for b in module.model.blocks]
-        assert wrapped == [grad_cp, grad_cp and not keep]  # two blocks: the last one keeps when keep = 1
-        module.batch_loss(batch)[0].backward()
+        recomputed = grad_cp and not keep  # two blocks: the last one keeps when keep = 1
+        for block, wrapped in zip(module.model.blocks, (grad_cp, recomputed)):
+            stages = {"forward": "forward" in vars(block), **{n: n in vars(block) | vars(block.att)
+                                                              for n in CHEAP_STAGES}}
+            expect = {"forward": wrapped and policy == "full", **dict.fromkeys(CHEAP_STAGES,
+                                                                               wrapped and policy == "selective")}
+            assert stages == expect
+        loss = module.batch_loss(batch)[0]
+        with CountMatmuls() as counter:
+            loss.backward()
+        backward_matmuls.append(counter.count)
         module.on_fit_end()
+        assert not any(n in vars(m) for b in module.model.blocks for m in (b, b.att) for n in ("forward", *CHEAP_STAGES))
         grads.append(module.state_wkv.grad)
     assert all(torch.allclose(grads[0], g, rtol=1e-5, atol=1e-7) for g in grads[1:]) and grads[0].abs().sum() > 0
+    # Recomputed products per block: layer 0 has 12 (r, k, v, output, FFN key and value, three gates × 2 halves),
+    # layer 1 14 (plus the v gate), less the FFN value, whose output no backward needs (checkpointing stops early);
+    # selective: the FFN key and the gates' second halves (4 and 5).
+    per_block = {"full": (11, 13), "selective": (4, 5)}[policy]
+    assert [n - backward_matmuls[0] for n in backward_matmuls[1:]] == [sum(per_block), per_block[0]]
 
 
-@pytest.mark.parametrize("grad_cp", [False, True])
-def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_restores_eager(grad_cp: bool) -> None:
-    """`compile` traces each block (aot_eager here: the same graphs as inductor, no C++ compiler)."""
+@pytest.mark.parametrize("grad_cp,policy", [(False, "full"), (True, "full"), (True, "selective")])
+def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_restores_eager(grad_cp: bool,
+                                                                                          policy: str) -> None:
+    """`compile` traces each block, or with selective checkpointing each cheap stage (aot_eager here: the same
+    graphs as inductor, no C++ compiler)."""
     samples = token_samples(3, 12, seed=5)
     results = []
     for backend in (None, "aot_eager"):
         module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=grad_cp,
-                                                        compile=backend))
+                                                        grad_cp_policy=policy, compile=backend))
         with torch.no_grad():
             module.state_wkv.copy_(torch.randn(module.state_wkv.shape, generator=torch.Generator().manual_seed(0)))
         module.on_fit_start()
@@ -199,14 +232,17 @@ def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_resto
             loss, _ = module.batch_loss(collate(samples))
             loss.backward()
             losses.append(loss.detach())
-        compiled = [b.forward.args[0] if isinstance(b.forward, functools.partial) else b.forward  # grad_cp wraps
-                    for b in module.model.blocks] + list(module._compiled.values())  # and the head's losses
+        wrapped = [f for b in module.model.blocks for m in (b, b.att) for n, f in vars(m).items()
+                   if n in ("forward", *CHEAP_STAGES)]
+        compiled = [f.args[0] if isinstance(f, functools.partial) else f for f in wrapped]  # grad_cp wraps
+        compiled += list(module._compiled.values())  # and the head's losses
         module.on_fit_end()
         results.append((torch.stack(losses), module.state_wkv.grad.clone(), compiled))
-        assert all("forward" not in vars(m) for b in module.model.blocks for m in (b, b.att, b.ffn))
+        assert not any(n in vars(m) for b in module.model.blocks for m in (b, b.att) for n in ("forward", *CHEAP_STAGES))
         assert module._compiled == {}
     (eager_loss, eager_grad, _), (comp_loss, comp_grad, compiled) = results
-    assert len(compiled) == 2 + 3 and all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)
+    blocks = 2 * (3 if policy == "selective" and grad_cp else 1)
+    assert len(compiled) == blocks + 3 and all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)
     assert torch.allclose(comp_loss, eager_loss, rtol=1e-5) and eager_grad.abs().sum() > 0
     assert torch.allclose(comp_grad, eager_grad, rtol=1e-4, atol=1e-7)
 
@@ -307,12 +343,14 @@ def test_cuda_graph_replays_match_eager_steps_across_shapes_and_state_updates(gr
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, Triton)")
-@pytest.mark.parametrize("backend", ["chunk", "triton"])
+@pytest.mark.parametrize("backend,policy,compile", [("chunk", "full", None), ("triton", "full", None),
+                                                     ("chunk", "selective", "inductor")])
 def test_cuda_graph_replays_of_packed_rows_through_our_kernels_match_eager_steps(
-        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        backend: str, policy: str, compile: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Packed rows (one shape of rows, restarts at each sample; one graph per number of scored positions)
     captured with our WKV kernels: each replay gives the eager loss and state gradient, and the eager loss equals
-    the masked loss of the same samples padded one per row."""
+    the masked loss of the same samples padded one per row. Also with the cheap stages compiled by Inductor and
+    recomputed in backward (selective checkpointing, as `bench/train_speed.py --grad-cp-policy selective` runs it)."""
     pytest.importorskip("triton")
     # The step-by-step kernel's default backward adds with atomics: its order changes from run to run, and bf16
     # rounding downstream can turn that into more than the tolerance (seen once, call S). Deterministic here.
@@ -320,7 +358,7 @@ def test_cuda_graph_replays_of_packed_rows_through_our_kernels_match_eager_steps
     sd = random_checkpoint(n_layer=2, n_embd=128, vocab_size=VOCAB, seed=0)
     module = StateTuner(build_model(sd, inspect_checkpoint(sd), device="cuda"),
                         OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=True, loss_chunk=256,
-                                      cuda_graphs=True, wkv_backend=backend))
+                                      cuda_graphs=True, wkv_backend=backend, grad_cp_policy=policy, compile=compile))
     module.on_fit_start()
     g = torch.Generator().manual_seed(0)
     for step in range(3):
