@@ -418,9 +418,10 @@ def _on_cuda(batch: Batch) -> Batch:
 
 def _replay_matches_eager(module: StateTuner, batch: Batch) -> torch.Tensor:
     """The graphed loss of `batch` (captured on first sight) equals the eager `dense_loss` in value and state
-    gradient; the eager loss's autograd graph stays alive during a capture (no harm). Returns the eager loss."""
+    gradient. The eager graph is freed by its backward (compiled stages donate their buffers: no retain_graph).
+    Returns the eager loss."""
     eager = module.dense_loss(module.state_wkv, *module.graph_inputs(batch))
-    (eager_grad,) = torch.autograd.grad(eager, module.state_wkv, retain_graph=True)
+    (eager_grad,) = torch.autograd.grad(eager, module.state_wkv)
     module.state_wkv.grad = None
     graphed, n = module.graphed_loss(batch)
     graphed.backward()
