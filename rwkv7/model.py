@@ -145,8 +145,7 @@ class Block(nn.Module):
         mixed, att_shift = self.att_inputs(x, att_shift, cu_seqlens, starts)
         y, wkv, v_first = self.att.recur(*self.att.project(*mixed), v_first, wkv, cu_seqlens=cu_seqlens,
                                          starts=starts)
-        x = x + self.att.output(y)
-        hidden, ffn_shift = self.ffn_hidden(x, ffn_shift, cu_seqlens, starts)
+        x, hidden, ffn_shift = self.ffn_hidden(x, self.att.output(y), ffn_shift, cu_seqlens, starts)
         return x + self.ffn.value(hidden), v_first, att_shift, wkv, ffn_shift
 
     def att_inputs(self, x: Tensor, att_shift: Tensor, cu_seqlens: Tensor | None, starts: Tensor | None
@@ -156,12 +155,15 @@ class Block(nn.Module):
         prev, att_shift = token_shift(u, att_shift, cu_seqlens, starts)
         return self.att.mix(u, prev), att_shift
 
-    def ffn_hidden(self, x: Tensor, ffn_shift: Tensor, cu_seqlens: Tensor | None, starts: Tensor | None
-                   ) -> tuple[Tensor, Tensor]:
-        """LN2, token shift, the FFN's key projection and squared ReLU: (hidden [B, T, 4C], next ffn_shift)."""
+    def ffn_hidden(self, x: Tensor, delta: Tensor, ffn_shift: Tensor, cu_seqlens: Tensor | None,
+                   starts: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention's residual, LN2, token shift, the FFN's key projection and squared ReLU: (x + delta,
+        hidden [B, T, 4C], next ffn_shift). Taking the residual here fuses it with LN2; a checkpoint of this stage
+        keeps x, which `att_inputs` keeps anyway, and delta instead of their sum."""
+        x = x + delta
         z = self.ln2(x)
         prev, ffn_shift = token_shift(z, ffn_shift, cu_seqlens, starts)
-        return self.ffn.hidden(z, prev), ffn_shift
+        return x, self.ffn.hidden(z, prev), ffn_shift
 
 
 class RWKV7(nn.Module):
