@@ -134,6 +134,15 @@ def test_chunked_kernels_restart_mid_row_like_the_reference(settings: str) -> No
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("settings", ["chunk=16", "chunk=64"])
+def test_chunked_kernels_restart_at_every_position_of_a_chunk(settings: str) -> None:
+    """One-token sequences at positions 16-31, every position of a chunk of 16 (each segment there enters from the
+    initial state), and restarts at every odd position up to a chunk's last row."""
+    errs = errors(B=2, T=48, H=2, restarts=[list(range(16, 32)), list(range(1, 48, 2))], settings=settings,
+                  backend="chunk")
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
 def test_chunked_kernels_stay_within_float32_limits_at_the_strongest_decays() -> None:
     """A chunk of 64 at the strongest decay divides by e^(-0.61·64) ≈ 1e-17 and multiplies back (the module
     docstring's argument): the worst case for its rounding."""
