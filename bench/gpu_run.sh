@@ -31,7 +31,8 @@
 #              of the graphed step and the chunked kernels, and the kernel check
 #       tenth  one GPU: 1.5B (a), (c) packed with graphs + compile and selective checkpointing, the graph GPU
 #              tests, then (a) with full checkpointing (run with SEED_INDUCTOR=0 for a compile cache to ship)
-#       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective
+#       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
+#              the graph GPU tests
 #       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -255,8 +256,11 @@ case "$PLAN" in
     ;;
   cold)  # one GPU, cold but for the shipped caches: the first step (and the speed) of the fast settings
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
-    run_on 0 $(($(left) - 15)) --models 1.5b --workloads c --graphs on --compile on --pack on \
+    run_on 0 $(($(left) - 110)) --models 1.5b --workloads c --graphs on --compile on --pack on \
       --grad-cp-policy selective
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     ;;
   ninth)  # one GPU, cold but for the shipped caches: selective checkpointing on (a) and (c) packed, then full
            # checkpointing on (a) (the same call's baseline), then the GPU tests and the chunked kernel's check
