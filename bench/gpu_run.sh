@@ -33,6 +33,7 @@
 #              tests, then (a) with full checkpointing (run with SEED_INDUCTOR=0 for a compile cache to ship)
 #       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
 #              the graph GPU tests
+#       graphtests one GPU: the GPU tests of the graphed step
 #       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -253,6 +254,11 @@ case "$PLAN" in
       tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     run_on 0 $(($(left) - 15)) --models 1.5b --workloads a --graphs on --compile on
+    ;;
+  graphtests)  # one GPU: the GPU tests of the graphed step only
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     ;;
   cold)  # one GPU, cold but for the shipped caches: the first step (and the speed) of the fast settings
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
