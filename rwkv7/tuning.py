@@ -162,13 +162,15 @@ def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: str | None = 
     compiles to two graphs around it (norms, token shift with its restarts and mixing before; GroupNorm, bonus,
     output, residual and the channel mix after). All blocks but the first share their graphs (same code, same
     shapes), so compiling costs about two blocks' worth, not L; the cache limit is raised so the per-instance
-    guards never fall back to eager.
+    guards never fall back to eager. Blocks under selective checkpointing compile each cheap stage on its own
+    instead (the projections between the stages stay eager: cuBLAS either way).
     `grad_cp` (a policy of GRAD_CP_POLICIES), for all blocks but the last `keep`: "full" recomputes each block's
     activations in backward (non-reentrant checkpointing: only the block's input stays); "selective" recomputes
     only its cheap stages (`_stages`: norms, token shift, gates, WKV, GroupNorm, the FFN's key and squared ReLU)
-    and keeps the outputs of the attention's frozen projections (r, k, v and the gates' low-rank halves; the
-    projections themselves need no activations for their backward), so the backward repeats 1/3 of the block's
-    matrix products instead of all of them, for 4 more [B, T, C] tensors per block.
+    and keeps the outputs of the attention's frozen projections (r, k, v, output and the gates' low-rank halves;
+    the projections themselves need no activations for their backward). The backward then repeats only the FFN
+    key among the large products (1/3 of a block's) instead of all but the FFN value (2/3), for about 4 more
+    [B, T, C] tensors per block (1.5B, ctx 512 × 8 on an H200: +10 % tokens/s for +1.8 GB; BENCHMARKS.md).
     """
     if grad_cp is not None and grad_cp not in GRAD_CP_POLICIES:
         raise ValueError(f"grad_cp policy must be one of {GRAD_CP_POLICIES}, got {grad_cp!r}")
