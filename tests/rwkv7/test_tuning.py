@@ -182,6 +182,12 @@ class CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
 CHEAP_STAGES = ("att_inputs", "recur", "ffn_hidden")
 
 
+def wrapped_methods(module: StateTuner) -> list:
+    """The blocks' methods that fit start replaced (compiled and/or checkpointed), in block order."""
+    return [f for b in module.model.blocks for m in (b, b.att) for n, f in vars(m).items()
+            if n in ("forward", *CHEAP_STAGES)]
+
+
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_activation_checkpointing_gives_the_same_gradient_and_recomputes_what_its_policy_says(policy: str) -> None:
     """All blocks recomputed, or all but the last `grad_cp_keep`: the same state gradient as none. "full" reruns
@@ -204,7 +210,7 @@ def test_activation_checkpointing_gives_the_same_gradient_and_recomputes_what_it
             loss.backward()
         backward_matmuls.append(counter.count)
         module.on_fit_end()
-        assert not any(n in vars(m) for b in module.model.blocks for m in (b, b.att) for n in ("forward", *CHEAP_STAGES))
+        assert not wrapped_methods(module)  # fit end restores the plain methods
         grads.append(module.state_wkv.grad)
     assert all(torch.allclose(grads[0], g, rtol=1e-5, atol=1e-7) for g in grads[1:]) and grads[0].abs().sum() > 0
     # Recomputed products per block: layer 0 has 12 (r, k, v, output, FFN key and value, three gates × 2 halves),
@@ -232,13 +238,12 @@ def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_resto
             loss, _ = module.batch_loss(collate(samples))
             loss.backward()
             losses.append(loss.detach())
-        wrapped = [f for b in module.model.blocks for m in (b, b.att) for n, f in vars(m).items()
-                   if n in ("forward", *CHEAP_STAGES)]
-        compiled = [f.args[0] if isinstance(f, functools.partial) else f for f in wrapped]  # grad_cp wraps
+        compiled = [f.args[0] if isinstance(f, functools.partial) else f  # grad_cp wraps
+                    for f in wrapped_methods(module)]
         compiled += list(module._compiled.values())  # and the head's losses
         module.on_fit_end()
         results.append((torch.stack(losses), module.state_wkv.grad.clone(), compiled))
-        assert not any(n in vars(m) for b in module.model.blocks for m in (b, b.att) for n in ("forward", *CHEAP_STAGES))
+        assert not wrapped_methods(module)  # fit end restores the plain methods
         assert module._compiled == {}
     (eager_loss, eager_grad, _), (comp_loss, comp_grad, compiled) = results
     blocks = 2 * (3 if policy == "selective" and grad_cp else 1)
