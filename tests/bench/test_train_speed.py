@@ -22,13 +22,17 @@ def test_workloads_are_long_truncated_samples_or_short_dialogues(ts) -> None:  #
     assert a[0].ids != ts.synthetic_samples(ts.WORKLOADS["a"], 1, seed=1, vocab=65536)[0].ids
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_a_cpu_row_trains_through_the_trainer_and_reports_every_field(ts, precision: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("precision,policy", [("bf16", "full"), ("int8", "full"), ("bf16", "selective")])
+def test_a_cpu_row_trains_through_the_trainer_and_reports_every_field(ts, precision: str,  # noqa: ANN001
+                                                                      policy: str) -> None:
     spec = ts.Spec(model="tiny", workload="ta", precision=precision, grad_cp=True, compile=False, fla_chunk="64",
-                   devices=1, steps=3, warmup=1, loss_chunk=16, device="cpu", lr=1.0)
+                   devices=1, steps=3, warmup=1, loss_chunk=16, device="cpu", lr=1.0, cp_policy=policy)
     row = ts.run_row(spec, time.time())
+    assert row["grad_cp_policy"] == policy
+    assert ts.row_name(spec).split("-")[3] == {"full": "cp1", "selective": "cp1s"}[policy]
     assert row["steps"] == 3 and row["tokens_per_step"] == 4 * 24 and row["tokens_per_s"] > 0
     assert math.isfinite(row["final_loss"]) and math.isfinite(row["loss_last5"]) and row["first_step_s"] > 0
     assert row["peak_process_gb"] is None and row["device"] == "cpu"
     text = ts.table([row, {**row, "error": "rc=1: boom"}])
-    assert "| tiny  | ta | " + precision.ljust(4) in text and "ERROR rc=1: boom" in text
+    cp = {"full": "1 ", "selective": "1s"}[policy]
+    assert f"| tiny  | ta | {precision.ljust(4)} | {cp} |" in text and "ERROR rc=1: boom" in text
