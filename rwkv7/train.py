@@ -41,7 +41,7 @@ from rwkv7.quant import QuantizationError, check_precision, quantize_model
 from rwkv7.state import save_state
 from rwkv7.template import render_text
 from rwkv7.tokenizer import WorldTokenizer
-from rwkv7.tuning import NonFiniteLossError, OptimSettings, StateTuner
+from rwkv7.tuning import GradCpPolicy, NonFiniteLossError, OptimSettings, StateTuner
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
@@ -82,7 +82,7 @@ class TrainParams(BaseModel):
     grad_cp: bool = Field(False, description="recompute each block in backward (saves memory)")
     grad_cp_keep: int = Field(0, ge=0, description="with grad_cp: the last N blocks keep their activations instead "
                               "(faster; each costs memory: ~0.45 GB at 1.5B with ctx_len 512 × micro_bsz 8)")
-    grad_cp_policy: Literal["full", "selective"] = Field(
+    grad_cp_policy: GradCpPolicy = Field(
         "full", description="with grad_cp, what the other blocks recompute: full (everything; least memory) or "
                             "selective (norms, gates, WKV and the FFN's key only; keeps the attention projections' "
                             "outputs: half the recomputed matrix products for ~4 more [micro_bsz, ctx_len, C] "

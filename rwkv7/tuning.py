@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -47,6 +47,10 @@ class NonFiniteLossError(RuntimeError):
         self.last_good = last_good
 
 
+GradCpPolicy = Literal["full", "selective"]  # what grad_cp recomputes (`wrap_blocks`)
+GRAD_CP_POLICIES: tuple[str, ...] = get_args(GradCpPolicy)
+
+
 @dataclass(frozen=True)
 class OptimSettings:
     """Optimizer and schedule of one run; `total_steps` counts optimizer steps (after accumulation)."""
@@ -62,7 +66,7 @@ class OptimSettings:
     loss_chunk: int = 1024
     grad_cp: bool = False
     grad_cp_keep: int = 0  # with grad_cp, the last blocks that keep their activations (no recompute)
-    grad_cp_policy: str = "full"  # with grad_cp, what the other blocks recompute (wrap_blocks: full or selective)
+    grad_cp_policy: GradCpPolicy = "full"  # with grad_cp, what the other blocks recompute (wrap_blocks)
     compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
     cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (padded or row-packed batches)
     wkv_backend: str | None = None  # rwkv7.wkv backend of the blocks during fit; None: rwkv7.wkv's default
@@ -147,15 +151,13 @@ def _chunked_head_loss(fn: Callable[..., Tensor], head: nn.Module, chunk: int, *
     return total
 
 
-GRAD_CP_POLICIES = ("full", "selective")
-
-
 def _stages(block: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
     """The cheap stages of a block (`rwkv7.model.Block.forward`): all its elementwise work, norms and the WKV."""
     return (block, "att_inputs"), (block.att, "recur"), (block, "ffn_hidden")
 
 
-def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: str | None = None, keep: int = 0) -> None:
+def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy | None = None, keep: int = 0
+                ) -> None:
     """Wrap the blocks of `model` in place for training (instance attributes; `unwrap_blocks` undoes it).
 
     `compile` (a torch.compile backend): the WKV kernel is opaque to the compiler (`rwkv7.wkv.wkv7`), so a block

@@ -190,8 +190,9 @@ def wrapped_methods(module: StateTuner) -> list:
 
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_activation_checkpointing_gives_the_same_gradient_and_recomputes_what_its_policy_says(policy: str) -> None:
-    """All blocks recomputed, or all but the last `grad_cp_keep`: the same state gradient as none. "full" reruns
-    every matrix product of a block in backward; "selective" only the FFN's key and the gates' second halves."""
+    """All blocks recomputed, or all but the last `grad_cp_keep`: the same state gradient as none. "full" reruns a
+    block's matrix products in backward (all but the FFN value); "selective" only the FFN's key and the gates'
+    second halves."""
     batch = pad_collate(token_samples(3, 12, seed=4))
     grads, backward_matmuls = [], []
     for grad_cp, keep in ((False, 0), (True, 0), (True, 1)):
