@@ -277,8 +277,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     device = torch.device(spec.device)
     params = TrainParams(ctx_len=w.ctx_len, micro_bsz=w.micro_bsz, max_steps=spec.steps, lr_init=spec.lr,
                          lr_final=spec.lr / 100, grad_cp=spec.grad_cp, grad_cp_keep=spec.cp_keep,
-                         grad_cp_policy=spec.cp_policy,
-                         loss_chunk=spec.loss_chunk,
+                         grad_cp_policy=spec.cp_policy, loss_chunk=spec.loss_chunk,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
                          progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
                          compile=spec.compile, cuda_graphs="on" if spec.graphs else "off",
@@ -321,8 +320,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
         "grad_cp": spec.grad_cp, "grad_cp_keep": spec.cp_keep, "grad_cp_policy": spec.cp_policy,
-        "compile": spec.compile, "graphs": spec.graphs,
-        "emb_host": spec.emb_host,
+        "compile": spec.compile, "graphs": spec.graphs, "emb_host": spec.emb_host,
         "wkv": layout.wkv, "pack": layout.pack, "micro_bsz": params.micro_bsz,
         "nvml_period": spec.nvml_period,
         "fla_chunk": spec.fla_chunk, "devices": spec.devices,
@@ -449,8 +447,7 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
                  nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
-                 wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep,
-                 cp_policy=args.grad_cp_policy)
+                 wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep, cp_policy=args.grad_cp_policy)
             for m, w, p, g, c, cg, f, wkv, pack in itertools.product(
                 split(args.models), split(args.workloads), split(args.precisions), grad_cps, compiles, graphs,
                 split(args.fla_chunk), split(args.wkv) or [""], split(args.pack))]
