@@ -31,6 +31,11 @@
 #              of the graphed step and the chunked kernels, and the kernel check
 #       tenth  one GPU: 1.5B (a), (c) packed with graphs + compile and selective checkpointing, the graph GPU
 #              tests, then (a) with full checkpointing (run with SEED_INDUCTOR=0 for a compile cache to ship)
+#       eleventh one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
+#              the GPU tests of the graphed step and the chunked kernels, and the kernel check
+#       twelfth eleventh, with 1.5B (a) keeping the last KEEP blocks (default 2) after (c)
+#       thirteenth one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, (c)
+#              with 8-warp forward WKV kernels, (b) bf16/int8/nf4 without graphs, then the graph GPU tests
 #       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
 #              the graph GPU tests
 #       graphtests one GPU: the GPU tests of the graphed step
@@ -245,6 +250,39 @@ case "$PLAN" in
          # for the last KEEP blocks (default 4)
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-keep "${KEEP:-4}"
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on --grad-cp-keep "${KEEP:-4}"
+    ;;
+  eleventh)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile + selective, then
+             # the GPU tests of the graphed step and our chunked kernels, then the kernel check
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
+      --grad-cp-policy selective
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 100)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
+    ;;
+  twelfth)  # one GPU: eleventh, with (a) keeping the last KEEP blocks (default 2) after (c)
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
+      --grad-cp-policy selective
+    run_on 0 $(($(left) - 200)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+      --grad-cp-keep "${KEEP:-2}"
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 100)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
+    ;;
+  thirteenth)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile + selective,
+               # (c) again with 8-warp forward kernels, the memory rows (b) bf16/int8/nf4, then the graph GPU tests
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
+      --grad-cp-policy selective
+    STATETUNE_WKV_CHUNK=fwd_warps=8 run_on 0 $(($(left) - 250)) --models 1.5b --workloads c --graphs on \
+      --compile on --pack on --grad-cp-policy selective
+    run_on 0 $(($(left) - 110)) --models 1.5b --workloads b --graphs off --precisions bf16,int8,nf4
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     ;;
   tenth)  # one GPU: selective checkpointing on (a) and (c) packed, the graph tests, (a) with full checkpointing
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective

@@ -44,6 +44,7 @@ import itertools
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,7 @@ REPLY_FRACTION = 0.5   # workload c: the loss covers the second half of each dia
 NVML_PERIOD_S = 0.01
 PYPROFILE_STEPS = 3
 LOSS_TAIL = 5
+WKV_LAUNCH_ENV = "STATETUNE_WKV_CHUNK"  # launch settings of our chunked kernels (rwkv7.wkv_chunk): recorded per row
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
         "compile": spec.compile, "graphs": spec.graphs, "emb_host": spec.emb_host,
         "wkv": layout.wkv, "pack": layout.pack, "micro_bsz": params.micro_bsz,
         "nvml_period": spec.nvml_period,
-        "fla_chunk": spec.fla_chunk, "devices": spec.devices,
+        "fla_chunk": spec.fla_chunk, "devices": spec.devices, "wkv_launch": os.environ.get(WKV_LAUNCH_ENV, ""),
         "tokens_per_s": per_rank * spec.devices,
         "tokens_per_s_mean": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed) * spec.devices,
         "step_ms": statistics.median(r["seconds"] for r in timed) * 1e3,
@@ -342,11 +344,12 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 
 def row_name(spec: Spec) -> str:
+    launch = re.sub(r"[^a-z0-9=_]+", "-", os.environ.get(WKV_LAUNCH_ENV, ""))  # our chunked kernels' launch settings
+    launch = f"-{launch}" if launch else ""
     keep = ("s" if spec.cp_policy == "selective" else "") + (f"k{spec.cp_keep}" if spec.cp_keep else "")
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}{keep}-c{int(spec.compile)}-"
             f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvauto'}-p{int(spec.pack)}-k{spec.fla_chunk}-"
-            f"d{spec.devices}-"
-            f"nv{spec.nvml_period:g}")
+            f"d{spec.devices}-nv{spec.nvml_period:g}{launch}")
 
 
 def _profiler_callback_class() -> type:

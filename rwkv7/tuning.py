@@ -7,7 +7,8 @@ hold only the state, the optimizer, the scheduler and the run's progress (never 
 Loss: next-token cross-entropy over the masked targets of a batch, or (with `distill_prefix`) the KL
 divergence KL(teacher ‖ student) where the teacher is the same frozen model after reading the prefix
 (prompt distillation: the state learns what the prompt did). Only masked positions go through the head, in
-chunks of `loss_chunk` rows that are recomputed in backward, so no `[B, T, V]` float32 logits tensor exists.
+chunks of `loss_chunk` rows, so no `[B, T, V]` float32 logits tensor exists: the cross-entropy computes each chunk's
+gradient in forward (`_HeadCrossEntropy`), the KL recomputes its chunks in backward.
 With CUDA graphs (`cuda_graphs`), `dense_loss` scores every position instead, the mask as 0/1 weights, so that
 no shape depends on the data.
 Per-step history (loss, lr, real tokens/s) is kept here and travels in checkpoints, so a resumed run reports
@@ -124,14 +125,55 @@ def lr_at(step: int, s: OptimSettings) -> float:
     return s.lr_final + 0.5 * (s.lr_init - s.lr_final) * (1.0 + math.cos(math.pi * progress))
 
 
-def _chunk_ce(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    """Summed cross-entropy of `hidden [M, C]` against `targets [M]` (logits in float32)."""
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _ce_and_grad(logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ weights · cross-entropy of `logits [M, V]` against `targets [M]` (float32), and its gradient with respect
+    to the logits (in their dtype). Written in place on one float32 copy of the logits: the least memory eagerly."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = ((lse - x.gather(1, targets[:, None]).squeeze(1)) * weights).sum()
+    x.sub_(lse[:, None]).exp_()  # softmax
+    x.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    return loss, x.mul_(weights[:, None]).to(logits.dtype)
 
 
-def _chunk_ce_weighted(head: nn.Module, hidden: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    """Σ weights · cross-entropy of `hidden [M, C]` against `targets [M]`: a 0/1 mask without indexing."""
-    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
+def _ce_and_grad_fusable(logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """`_ce_and_grad` for torch.compile: the gradient as one elementwise expression of the logits, which Inductor
+    writes in a single pass after the log-sum-exp (a scatter into a float32 copy would have it materialize that
+    copy); eagerly it would hold several `[M, V]` float32 temporaries."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    hit = torch.arange(x.shape[1], device=x.device) == targets[:, None]
+    loss = ((lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)) * weights).sum()
+    grad = (torch.exp(x - lse) - hit.float()) * weights[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Σ weights · cross-entropy of `head(hidden)` against `targets`, `chunk` rows at a time, with the gradient for
+    `hidden` computed in forward: each chunk's logits exist once, for the loss and their gradient together, and
+    backward only scales the saved `[M, C]` gradient (no second pass through the head)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, targets: Tensor, weights: Tensor, head: nn.Module, chunk: int,  # type: ignore[override]
+                ce_and_grad: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            with torch.enable_grad():
+                rows = hidden[part].detach().requires_grad_(dhidden is not None)
+                logits = head(rows)
+            loss, dlogits = ce_and_grad(logits.detach(), targets[part], weights[part])
+            total += loss
+            if dhidden is not None:
+                dhidden[part] = torch.autograd.grad(logits, rows, dlogits)[0]
+        ctx.save_for_backward(dhidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (dhidden,) = ctx.saved_tensors
+        return dhidden * grad, None, None, None, None, None
 
 
 def _chunk_kl(head: nn.Module, hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
@@ -227,7 +269,7 @@ class StateTuner(L.LightningModule):
         self.register_buffer("last_good", self.state_wkv.detach().clone(), persistent=False)
         self._teacher: RWKVState | None = None
         self._graphed: GraphedLoss | None = None
-        self._compiled: dict[Callable[..., Tensor], Callable[..., Tensor]] = {}  # head losses, during a fit
+        self._compiled: dict[Callable[..., Any], Callable[..., Any]] = {}  # head losses, during a fit
         self._batches_in_epoch = 0
         self._counts = dict.fromkeys(("targets", "tokens", "slots"), 0)  # of the optimizer step under way
         self._loss_sum: Tensor | None = None  # its summed loss, on the device
@@ -252,15 +294,13 @@ class StateTuner(L.LightningModule):
         rows = hidden[mask]
         n = rows.shape[0]
         if self.distill_prefix is None:
-            others = batch.targets[mask]
-            fn = _chunk_ce
-        else:
-            with torch.no_grad():
-                teacher_hidden, _ = self.model.run_blocks(x, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
-                                                          starts=batch.starts)
-            others = teacher_hidden[mask]
-            fn = _chunk_kl
-        return self._head_loss(fn, rows, others), n
+            targets = batch.targets[mask]
+            return self._cross_entropy(rows, targets, torch.ones_like(targets, dtype=torch.float32)), n
+        with torch.no_grad():
+            teacher_hidden, _ = self.model.run_blocks(x, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
+                                                      starts=batch.starts)
+        kl = self._compiled.get(_chunk_kl, _chunk_kl)
+        return _chunked_head_loss(kl, self.model.head, self.optim.loss_chunk, rows, teacher_hidden[mask]), n
 
     def dense_loss(self, state_wkv: Tensor, x: Tensor, targets: Tensor, weights: Tensor,
                    starts: Tensor | None = None, scored: Tensor | None = None) -> Tensor:
@@ -273,12 +313,13 @@ class StateTuner(L.LightningModule):
         hidden = hidden.flatten(0, 1)
         if scored is not None:
             hidden = hidden.index_select(0, scored)
-        return self._head_loss(_chunk_ce_weighted, hidden, targets.flatten(), weights.flatten())
+        return self._cross_entropy(hidden, targets.flatten(), weights.flatten())
 
-    def _head_loss(self, fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:
-        """`_chunked_head_loss` of `fn` (its compiled twin during a fit with `compile`: the log-softmax then reads
-        the head's bf16 logits once, with no float32 copy of them)."""
-        return _chunked_head_loss(self._compiled.get(fn, fn), self.model.head, self.optim.loss_chunk, *rows)
+    def _cross_entropy(self, hidden: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        """`_HeadCrossEntropy` through the model's head (with a compiled `_ce_and_grad_fusable` during a fit with
+        `compile`: each chunk's bf16 logits are read for their log-sum-exp, then once more to write the gradient)."""
+        ce_and_grad = self._compiled.get(_ce_and_grad, _ce_and_grad)
+        return _HeadCrossEntropy.apply(hidden, targets, weights, self.model.head, self.optim.loss_chunk, ce_and_grad)
 
     def graph_inputs(self, batch: Batch) -> tuple[Tensor, ...]:
         """`dense_loss`'s inputs after the state for a padded or row-packed batch. Packed rows (`batch.scored`)
@@ -403,8 +444,8 @@ class StateTuner(L.LightningModule):
         wrap_blocks(self.model, self.optim.compile, self.optim.grad_cp_policy if self.optim.grad_cp else None,
                     self.optim.grad_cp_keep)
         if self.optim.compile:
-            self._compiled = {fn: torch.compile(fn, backend=self.optim.compile)
-                              for fn in (_chunk_ce, _chunk_ce_weighted, _chunk_kl)}
+            self._compiled = {_ce_and_grad: torch.compile(_ce_and_grad_fusable, backend=self.optim.compile),
+                              _chunk_kl: torch.compile(_chunk_kl, backend=self.optim.compile)}
         if self.optim.cuda_graphs:
             if self.model.device.type != "cuda" or self.distill_prefix is not None:
                 raise ValueError("cuda_graphs needs a CUDA device and the cross-entropy loss (no distill_prefix)")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
 from rwkv7.data import (Batch, BucketBatchSampler, PackedBatchSampler, Sample, pack_collate, pack_rows_collate,
@@ -17,7 +19,8 @@ from rwkv7.data import (Batch, BucketBatchSampler, PackedBatchSampler, Sample, p
 from rwkv7.graphs import CaptureError, GraphedLoss, OwnGradient
 from rwkv7.model import RWKV7, build_model
 from rwkv7.state import RWKVState
-from rwkv7.tuning import NonFiniteLossError, OptimSettings, StateTuner, lr_at
+from rwkv7.tuning import (NonFiniteLossError, OptimSettings, StateTuner, _ce_and_grad, _ce_and_grad_fusable,
+                          _HeadCrossEntropy, lr_at)
 
 VOCAB = 256
 FIRST_TOKEN = 1  # every text starts like a dialogue starts ("User"), so a state can prepare for it
@@ -179,6 +182,36 @@ class CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("ce_and_grad", [_ce_and_grad, _ce_and_grad_fusable])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_head_cross_entropy_takes_its_gradient_in_forward_and_matches_autograd(
+        dtype: torch.dtype, tol: float, ce_and_grad: Callable) -> None:
+    """Loss and d(hidden) equal autograd through `F.cross_entropy` (chunks that do not divide the rows, rows of
+    weight 0, a scale after the sum), with the eager and the compile-friendly gradient; backward runs no matrix
+    product: the head was differentiated in forward."""
+    g = torch.Generator().manual_seed(0)
+    M, C, V = 23, 16, 50
+    head = nn.Linear(C, V, bias=False).to(dtype).requires_grad_(False)
+    targets = torch.randint(0, V, (M,), generator=g)
+    weights = (torch.rand(M, generator=g) > 0.3).float()
+    hidden = torch.randn(M, C, generator=g).to(dtype)
+    results = []
+    for fused in (False, True):
+        rows = hidden.clone().requires_grad_()
+        if fused:
+            loss = _HeadCrossEntropy.apply(rows, targets, weights, head, 10, ce_and_grad)
+        else:
+            loss = (F.cross_entropy(head(rows).float(), targets, reduction="none") * weights).sum()
+        with CountMatmuls() as counter:
+            (loss / 7).backward()
+        results.append((loss.detach(), rows.grad.float(), counter.count))
+    (want_loss, want_grad, autograd_products), (loss, grad, products) = results
+    assert autograd_products == 1 and products == 0
+    torch.testing.assert_close(loss, want_loss, rtol=tol, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+    assert (grad[weights == 0] == 0).all() and grad.abs().sum() > 0
+
+
 CHEAP_STAGES = ("att_inputs", "recur", "ffn_hidden")
 
 
@@ -241,14 +274,14 @@ def test_compiled_blocks_give_the_same_loss_and_state_gradient_and_fit_end_resto
             losses.append(loss.detach())
         compiled = [f.args[0] if isinstance(f, functools.partial) else f  # grad_cp wraps
                     for f in wrapped_methods(module)]
-        compiled += list(module._compiled.values())  # and the head's losses
+        compiled += list(module._compiled.values())  # and the head's losses (cross-entropy, KL)
         module.on_fit_end()
         results.append((torch.stack(losses), module.state_wkv.grad.clone(), compiled))
         assert not wrapped_methods(module)  # fit end restores the plain methods
         assert module._compiled == {}
     (eager_loss, eager_grad, _), (comp_loss, comp_grad, compiled) = results
     blocks = 2 * (3 if policy == "selective" and grad_cp else 1)
-    assert len(compiled) == blocks + 3 and all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)
+    assert len(compiled) == blocks + 2 and all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)
     assert torch.allclose(comp_loss, eager_loss, rtol=1e-5) and eager_grad.abs().sum() > 0
     assert torch.allclose(comp_grad, eager_grad, rtol=1e-4, atol=1e-7)
 
