@@ -231,13 +231,11 @@ class RWKV7(nn.Module):
         n_seq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if state is None:
             state = RWKVState.zeros(self.config, n_seq, self.device, self.dtype)
-        state = state.expand(n_seq)
         x = self.blocks[0].ln0(x)
         v_first = None
         att_shift, wkv, ffn_shift = [], [], []
-        for i, block in enumerate(self.blocks):
-            x, v_first, a_s, w_s, f_s = block(x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i],
-                                              cu_seqlens, starts)
+        for block, layer in zip(self.blocks, state.layers(n_seq), strict=True):
+            x, v_first, a_s, w_s, f_s = block(x, v_first, *layer, cu_seqlens, starts)
             att_shift.append(a_s)
             wkv.append(w_s)
             ffn_shift.append(f_s)

@@ -104,3 +104,42 @@ def test_from_wkv_is_differentiable_and_expands(model):
         state.expand(2)
     zeros = RWKVState.zeros(cfg, batch=2)
     assert zeros.wkv.dtype == torch.float32 and zeros.batch_size == 2
+
+
+def test_layers_broadcast_each_layer_and_their_backward_builds_no_full_size_gradients(model):
+    """Per-layer views for the blocks: the gradient of a batch-1 state is summed over the batch layer by layer and
+    stacked once; no op in backward makes a tensor of the whole broadcast state `[L, B, H, N, N]` (indexing layer
+    by layer made L of them, zero-filled, and added them up)."""
+    cfg = model.config
+    param = torch.nn.Parameter(torch.randn(cfg.n_layer, cfg.n_head, 64, 64))
+    layers = RWKVState.from_wkv(param).layers(4)
+    assert len(layers) == cfg.n_layer
+    assert all(a.shape == f.shape == (4, 128) and w.shape == (4, cfg.n_head, 64, 64) for a, w, f in layers)
+    loss = sum((i + 1) * w.sum() for i, (_, w, _) in enumerate(layers))
+    with SeenShapes() as seen:
+        loss.backward()
+    expect = torch.arange(1.0, cfg.n_layer + 1).view(-1, 1, 1, 1) * 4  # layer i's weight, summed over 4 rows
+    torch.testing.assert_close(param.grad, expect.expand_as(param))
+    assert (cfg.n_layer, 4, cfg.n_head, 64, 64) not in seen.shapes
+    with pytest.raises(ValueError, match="batch 4"):
+        RWKVState.from_wkv(param).expand(4).layers(2)
+    # and so through the model's blocks
+    param.grad = None
+    hidden, _ = model.run_blocks(model.embed(torch.randint(0, 256, (4, 5))), RWKVState.from_wkv(param))
+    with SeenShapes() as seen:
+        hidden.float().square().sum().backward()
+    assert param.grad.abs().sum() > 0 and (cfg.n_layer, 4, cfg.n_head, 64, 64) not in seen.shapes
+
+
+class SeenShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shapes of every tensor the dispatched ops return while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes.update(tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                           if isinstance(t, torch.Tensor))
+        return out
