@@ -344,7 +344,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
 
 
 def row_name(spec: Spec) -> str:
-    launch = re.sub(r"[^a-z0-9=_]+", "-", os.environ.get(WKV_LAUNCH_ENV, ""))  # our chunked kernels' launch settings
+    launch = re.sub(r"[^a-z0-9_]+", "-", os.environ.get(WKV_LAUNCH_ENV, ""))  # our chunked kernels' launch settings
     launch = f"-{launch}" if launch else ""
     keep = ("s" if spec.cp_policy == "selective" else "") + (f"k{spec.cp_keep}" if spec.cp_keep else "")
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}{keep}-c{int(spec.compile)}-"

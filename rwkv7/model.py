@@ -102,9 +102,17 @@ class TimeMix(nn.Module):
         r4, k4, v4, iclr4 = (x.view(B, T, H, N) for x in (r, k, v, iclr))
         out, wkv_state = wkv7(r4, log_decay.view(B, T, H, N), k4, v4, -kappa, kappa * iclr4, wkv_state,
                               cu_seqlens=cu_seqlens, starts=starts, backend=self.wkv_backend)
-        out = self.ln_x(out.reshape(B * T, C)).view(B, T, H, N)
+        out = self.head_norm(out)
         bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
         return (out + bonus).view(B, T, C) * gate, wkv_state, v_first
+
+    def head_norm(self, out: Tensor) -> Tensor:
+        """`ln_x` (GroupNorm, one group per head) on the WKV output `[B, T, H, N]`, written as a layer norm over its
+        last dim in float32 and the per-head affine: the same maths, which torch.compile fuses into one pass over rows
+        of N values (its GroupNorm lowering took ~78 µs per 1.5B layer on an H200, ~10× what the bytes need)."""
+        H, N = self.n_head, self.head_size
+        y = F.layer_norm(out.float(), (N,), eps=self.ln_x.eps)
+        return (y * self.ln_x.weight.view(H, N).float() + self.ln_x.bias.view(H, N).float()).to(out.dtype)
 
 
 class ChannelMix(nn.Module):

@@ -169,7 +169,7 @@ def wkv7_reference(r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor
         # S·diag(d) scales key columns; S aᵀ b is a rank-1 update built from the [value] vector S aᵀ.
         state = state * decay_t + (state @ a_t) * b_t + v_t * k_t
         outs.append(state @ r_t)
-    out = torch.cat(outs, dim=-1).permute(0, 3, 1, 2) if outs else torch.zeros_like(v)
+    out = torch.cat(outs, dim=-1).permute(0, 3, 1, 2).contiguous() if outs else torch.zeros_like(v)
     return out.to(dtype), state
 
 
