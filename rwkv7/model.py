@@ -107,10 +107,15 @@ class TimeMix(nn.Module):
         return (out + bonus).view(B, T, C) * gate, wkv_state, v_first
 
     def head_norm(self, out: Tensor) -> Tensor:
-        """`ln_x` (GroupNorm, one group per head) on the WKV output `[B, T, H, N]`, written as a layer norm over its
-        last dim in float32 and the per-head affine: the same maths, which torch.compile fuses into one pass over rows
-        of N values (its GroupNorm lowering took ~78 µs per 1.5B layer on an H200, ~10× what the bytes need)."""
-        H, N = self.n_head, self.head_size
+        """`ln_x` (GroupNorm, one group per head) on the WKV output `[B, T, H, N]`.
+
+        Under torch.compile it is written as a layer norm over the last dim in float32 and the per-head affine: the
+        same maths, which Inductor fuses into one pass over rows of N values (its GroupNorm lowering took ~78 µs per
+        1.5B layer on an H200, ~10× what the bytes need; BENCHMARKS.md, eighth session). Eagerly the native GroupNorm
+        kernel stays: it makes no float32 temporaries, which the memory rows of a 1.5B model feel."""
+        B, T, H, N = out.shape
+        if not torch.compiler.is_compiling():
+            return self.ln_x(out.reshape(B * T, H * N)).view(B, T, H, N)
         y = F.layer_norm(out.float(), (N,), eps=self.ln_x.eps)
         return (y * self.ln_x.weight.view(H, N).float() + self.ln_x.bias.view(H, N).float()).to(out.dtype)
 

@@ -131,3 +131,23 @@ def test_forward_rejects_bad_token_shapes(tiny_path):
         model(torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(torch.ones(2, 3, dtype=torch.long), cu_seqlens=torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_compiled_head_norm_is_the_groupnorm(tiny_path, dtype, tol):
+    """Under torch.compile `ln_x` runs as a layer norm over each head plus the per-head affine (aot_eager here: the
+    graph Inductor would get): outputs and input gradients equal the GroupNorm it replaces."""
+    att = load_model(tiny_path, dtype=dtype).blocks[1].att
+    with torch.no_grad():
+        att.ln_x.weight.normal_(1.0, 0.5)
+        att.ln_x.bias.normal_(0.0, 0.5)
+    out = torch.randn(2, 5, att.n_head, att.head_size, generator=torch.Generator().manual_seed(0)).to(dtype) * 3
+    results = []
+    for fn in (att.head_norm, torch.compile(att.head_norm, backend="aot_eager", fullgraph=True)):
+        x = out.clone().requires_grad_()
+        y = fn(x)
+        y.float().mul(torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.float(), x.grad.float()))
+    (eager, d_eager), (compiled, d_compiled) = results
+    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
+    torch.testing.assert_close(d_compiled, d_eager, rtol=tol, atol=tol * d_eager.abs().max().item())
