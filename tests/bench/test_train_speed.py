@@ -24,11 +24,15 @@ def test_workloads_are_long_truncated_samples_or_short_dialogues(ts) -> None:  #
 
 @pytest.mark.parametrize("precision,policy", [("bf16", "full"), ("int8", "full"), ("bf16", "selective")])
 def test_a_cpu_row_trains_through_the_trainer_and_reports_every_field(ts, precision: str,  # noqa: ANN001
-                                                                      policy: str) -> None:
+                                                                      policy: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: launch settings of our chunked kernels from the environment travel with the row and its file names."""
+    monkeypatch.setenv("STATETUNE_WKV_CHUNK", "fwd_warps=8")
     spec = ts.Spec(model="tiny", workload="ta", precision=precision, grad_cp=True, compile=False, fla_chunk="64",
                    devices=1, steps=3, warmup=1, loss_chunk=16, device="cpu", lr=1.0, cp_policy=policy)
     row = ts.run_row(spec, time.time())
-    assert row["grad_cp_policy"] == policy
+    assert row["grad_cp_policy"] == policy and row["wkv_launch"] == "fwd_warps=8"
+    assert ts.row_name(spec).endswith("-fwd_warps-8")
     assert ts.row_name(spec).split("-")[3] == {"full": "cp1", "selective": "cp1s"}[policy]
     assert row["steps"] == 3 and row["tokens_per_step"] == 4 * 24 and row["tokens_per_s"] > 0
     assert math.isfinite(row["final_loss"]) and math.isfinite(row["loss_last5"]) and row["first_step_s"] > 0
