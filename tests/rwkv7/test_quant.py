@@ -14,6 +14,7 @@ from rwkv7.model import build_model
 from rwkv7.quant import (NF4_LEVELS, QUANT_TARGETS, QuantizationError, QuantLinear, check_precision,
                          quant_targets, quantize_model, reference_codec)
 from rwkv7.state import RWKVState
+from rwkv7.tuning import _ce_and_grad, _HeadCrossEntropy
 from rwkv7.train import TrainingError, TrainParams, train_state
 
 VOCAB = 512
@@ -125,3 +126,15 @@ def test_quantize_model_can_include_the_head() -> None:
     assert isinstance(model.head, QuantLinear)
     logits, _ = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()
+    # the trainer's cross-entropy differentiates whatever module the head is, in forward
+    hidden = torch.randn(7, model.config.n_embd, generator=torch.Generator().manual_seed(0))
+    targets, weights = torch.arange(7) * 3 % VOCAB, torch.ones(7)
+    grads = []
+    for fused in (False, True):
+        rows = hidden.clone().requires_grad_()
+        loss = (_HeadCrossEntropy.apply(rows, targets, weights, model.head, 4, _ce_and_grad) if fused
+                else F.cross_entropy(model.head(rows).float(), targets, reduction="sum"))
+        loss.backward()
+        grads.append(rows.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[0].abs().sum() > 0
