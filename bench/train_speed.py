@@ -76,7 +76,9 @@ REPLY_FRACTION = 0.5   # workload c: the loss covers the second half of each dia
 NVML_PERIOD_S = 0.01
 PYPROFILE_STEPS = 3
 LOSS_TAIL = 5
-WKV_LAUNCH_ENV = "STATETUNE_WKV_CHUNK"  # launch settings of our chunked kernels (rwkv7.wkv_chunk): recorded per row
+# Launch settings of our chunked kernels, recorded per row: rwkv7.wkv_chunk.SETTINGS_ENV, named here because
+# importing that module pulls in triton, and this script imports nothing of rwkv7 until a row runs.
+WKV_LAUNCH_ENV = "STATETUNE_WKV_CHUNK"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class StateFileError(ValueError):
 @dataclass
 class RWKVState:
     """Recurrent state of every layer: `att_shift [L, B, C]`, `wkv [L, B, H, N, N]` ([value, key], float32),
-    `ffn_shift [L, B, C]`. A batch-1 state broadcasts over any batch (`expand`)."""
+    `ffn_shift [L, B, C]`. A batch-1 state broadcasts over any batch (`layers`)."""
 
     att_shift: Tensor
     wkv: Tensor
@@ -78,16 +78,6 @@ class RWKVState:
     @property
     def batch_size(self) -> int:
         return self.wkv.shape[1]
-
-    def expand(self, batch: int) -> RWKVState:
-        """This state for `batch` rows: itself if it already has them, a broadcast view if it has one."""
-        if self.batch_size == batch:
-            return self
-        if self.batch_size != 1:
-            raise ValueError(f"state has batch {self.batch_size}; cannot use it for batch {batch}")
-        return RWKVState(att_shift=self.att_shift.expand(-1, batch, -1),
-                         wkv=self.wkv.expand(-1, batch, -1, -1, -1),
-                         ffn_shift=self.ffn_shift.expand(-1, batch, -1))
 
     def layers(self, batch: int) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Each layer's `(att_shift [batch, C], wkv [batch, H, N, N], ffn_shift [batch, C])`, broadcast views of a

@@ -93,15 +93,15 @@ def test_malformed_files(model, tmp_path):
     assert sidecar_path(tmp_path / "v.pth") == tmp_path / "v.json"
 
 
-def test_from_wkv_is_differentiable_and_expands(model):
+def test_from_wkv_is_differentiable_and_broadcasts(model):
     cfg = model.config
     param = torch.nn.Parameter(torch.randn(cfg.n_layer, cfg.n_head, 64, 64))
-    state = RWKVState.from_wkv(param).expand(4)
-    assert state.wkv.shape == (cfg.n_layer, 4, cfg.n_head, 64, 64) and state.att_shift.shape == (3, 4, 128)
-    state.wkv.sum().backward()
+    layers = RWKVState.from_wkv(param).layers(4)
+    assert all(w.shape == (4, cfg.n_head, 64, 64) and a.shape == (4, 128) for a, w, _ in layers)
+    sum(w.sum() for _, w, _ in layers).backward()
     torch.testing.assert_close(param.grad, torch.full_like(param, 4.0))
     with pytest.raises(ValueError, match="batch 4"):
-        state.expand(2)
+        RWKVState.zeros(cfg, batch=4).layers(2)
     zeros = RWKVState.zeros(cfg, batch=2)
     assert zeros.wkv.dtype == torch.float32 and zeros.batch_size == 2
 
@@ -122,7 +122,7 @@ def test_layers_broadcast_each_layer_and_their_backward_builds_no_full_size_grad
     torch.testing.assert_close(param.grad, expect.expand_as(param))
     assert (cfg.n_layer, 4, cfg.n_head, 64, 64) not in seen.shapes
     with pytest.raises(ValueError, match="batch 4"):
-        RWKVState.from_wkv(param).expand(4).layers(2)
+        RWKVState.zeros(cfg, batch=4).layers(2)
     # and so through the model's blocks
     param.grad = None
     hidden, _ = model.run_blocks(model.embed(torch.randint(0, 256, (4, 5))), RWKVState.from_wkv(param))

@@ -290,7 +290,7 @@ def held_out_kl(model: RWKV7, prefix: list[int], wkv: torch.Tensor, texts: torch
     """Mean per-token KL(prompted ‖ state) on `texts [B, T]`, from the second position on."""
     with torch.no_grad():
         _, prompted = model(torch.tensor([prefix]))
-        teacher, _ = model(texts, prompted.expand(texts.shape[0]))
+        teacher, _ = model(texts, prompted)  # batch 1: every row starts from it
         student, _ = model(texts, RWKVState.from_wkv(wkv))
     t, s = (F.log_softmax(x[:, 1:], dim=-1) for x in (teacher, student))
     return F.kl_div(s, t, log_target=True, reduction="sum").item() / t[..., 0].numel()
