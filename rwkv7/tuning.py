@@ -193,9 +193,13 @@ def _chunked_head_loss(fn: Callable[..., Tensor], head: nn.Module, chunk: int, *
     return total
 
 
-def _stages(block: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
-    """The cheap stages of a block (`rwkv7.model.Block.forward`): all its elementwise work, norms and the WKV."""
-    return (block, "att_inputs"), (block.att, "recur"), (block, "ffn_hidden")
+def _stages(block: nn.Module) -> tuple[tuple[nn.Module, str, bool], ...]:
+    """The cheap stages of a block (`rwkv7.model.Block.forward`), all its elementwise work, norms and the WKV:
+    `(owner, method, recomputed under selective checkpointing)`. `att_inputs` is not recomputed: its backward needs
+    only its input x, which `ffn_hidden`'s checkpoint keeps anyway, and LN1's per-row statistics (the mixes are
+    products with frozen parameters), so recomputing it would save no memory and cost a pass over six [B, T, C]
+    outputs."""
+    return (block, "att_inputs", False), (block.att, "recur", True), (block, "ffn_hidden", True)
 
 
 def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy | None = None, keep: int = 0
@@ -210,11 +214,12 @@ def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy 
     instead (the projections between the stages stay eager: cuBLAS either way).
     `grad_cp` (a policy of GRAD_CP_POLICIES), for all blocks but the last `keep`: "full" recomputes each block's
     activations in backward (non-reentrant checkpointing: only the block's input stays); "selective" recomputes
-    only its cheap stages (`_stages`: norms, token shift, gates, WKV, GroupNorm, the FFN's key and squared ReLU)
-    and keeps the outputs of the attention's frozen projections (r, k, v, output and the gates' low-rank halves;
-    the projections themselves need no activations for their backward). The backward then repeats only the FFN
-    key among the large products (1/3 of a block's) instead of all but the FFN value (2/3), for about 4 more
-    [B, T, C] tensors per block (1.5B, ctx 512 × 8 on an H200: +10 % tokens/s for +1.8 GB; BENCHMARKS.md).
+    only the cheap stages that would otherwise keep large activations (`_stages`: gates, WKV, GroupNorm, LN2, the
+    FFN's key and squared ReLU) and keeps the outputs of the attention's frozen projections (r, k, v, output and
+    the gates' low-rank halves; the projections themselves need no activations for their backward). The backward
+    then repeats only the FFN key among the large products (1/3 of a block's) instead of all but the FFN value
+    (2/3), for about 4 more [B, T, C] tensors per block (1.5B, ctx 512 × 8 on an H200: +10 % tokens/s for +1.8 GB;
+    BENCHMARKS.md).
     """
     if grad_cp is not None and grad_cp not in GRAD_CP_POLICIES:
         raise ValueError(f"grad_cp policy must be one of {GRAD_CP_POLICIES}, got {grad_cp!r}")
@@ -226,13 +231,14 @@ def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy 
             dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 8 * len(blocks))
     for i, block in enumerate(blocks):
         policy = grad_cp if i < len(blocks) - keep else None
-        if not (compile or policy):
-            continue
-        for owner, name in _stages(block) if policy == "selective" else ((block, "forward"),):
+        parts = _stages(block) if policy == "selective" else ((block, "forward", policy == "full"),)
+        for owner, name, recompute in parts:
+            if not (compile or recompute):
+                continue
             fn = getattr(owner, name)
             if compile:
                 fn = torch.compile(fn, backend=compile)
-            if policy:
+            if recompute:
                 fn = functools.partial(checkpoint, fn, use_reentrant=False, preserve_rng_state=False)  # no randomness
             setattr(owner, name, fn)
 
@@ -240,7 +246,7 @@ def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy 
 def unwrap_blocks(model: RWKV7) -> None:
     """Undo `wrap_blocks`: every block runs its plain methods again."""
     for block in model.blocks:
-        for owner, name in ((block, "forward"), *_stages(block)):
+        for owner, name, _ in ((block, "forward", False), *_stages(block)):
             owner.__dict__.pop(name, None)
 
 

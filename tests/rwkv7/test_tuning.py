@@ -17,7 +17,7 @@ from rwkv7.checkpoint import inspect_checkpoint, random_checkpoint
 from rwkv7.data import (Batch, BucketBatchSampler, PackedBatchSampler, Sample, pack_collate, pack_rows_collate,
                         pad_collate)
 from rwkv7.graphs import CaptureError, GraphedLoss, OwnGradient
-from rwkv7.model import RWKV7, build_model
+from rwkv7.model import RWKV7, Block, build_model
 from rwkv7.state import RWKVState
 from rwkv7.tuning import (NonFiniteLossError, OptimSettings, StateTuner, _ce_and_grad, _ce_and_grad_fusable,
                           _HeadCrossEntropy, lr_at)
@@ -236,8 +236,8 @@ def test_activation_checkpointing_gives_the_same_gradient_and_recomputes_what_it
         for block, wrapped in zip(module.model.blocks, (grad_cp, recomputed)):
             stages = {"forward": "forward" in vars(block), **{n: n in vars(block) | vars(block.att)
                                                               for n in CHEAP_STAGES}}
-            expect = {"forward": wrapped and policy == "full", **dict.fromkeys(CHEAP_STAGES,
-                                                                               wrapped and policy == "selective")}
+            expect = {"forward": wrapped and policy == "full",  # att_inputs: compiled when asked, never recomputed
+                      **{n: wrapped and policy == "selective" and n != "att_inputs" for n in CHEAP_STAGES}}
             assert stages == expect
         loss = module.batch_loss(batch)[0]
         with CountMatmuls() as counter:
@@ -252,6 +252,50 @@ def test_activation_checkpointing_gives_the_same_gradient_and_recomputes_what_it
     # selective: the FFN key and the gates' second halves (4 and 5).
     per_block = {"full": (11, 13), "selective": (4, 5)}[policy]
     assert [n - backward_matmuls[0] for n in backward_matmuls[1:]] == [sum(per_block), per_block[0]]
+
+
+def saved_bytes(module: StateTuner, batch: Batch) -> int:
+    """Bytes of the activations that one loss keeps for its backward (which it then runs); the frozen weights,
+    which every policy keeps, left out."""
+    weights = {p.untyped_storage().data_ptr() for p in module.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = module.batch_loss(batch)[0]
+    loss.backward()
+    return sum(saved.values())
+
+
+def test_selective_checkpointing_runs_att_inputs_once_for_no_more_memory_than_recomputing_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LN1, token shift and the six mixes are not recomputed: their backward needs only the block input, which the
+    other stages' checkpoints keep, and LN1's per-row statistics."""
+    runs = []
+    plain = Block.att_inputs
+    monkeypatch.setattr(Block, "att_inputs", lambda self, *args: runs.append(1) or plain(self, *args))
+    batch = pad_collate(token_samples(3, 12, seed=4))
+    results = []
+    for recompute_inputs in (False, True):
+        module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=True,
+                                                        grad_cp_policy="selective"))
+        module.on_fit_start()
+        if recompute_inputs:  # what selective did before: att_inputs under a checkpoint of its own
+            for block in module.model.blocks:
+                block.att_inputs = functools.partial(torch.utils.checkpoint.checkpoint, block.att_inputs,
+                                                     use_reentrant=False)
+        runs.clear()
+        results.append((saved_bytes(module, batch), len(runs), module.state_wkv.grad.clone()))
+        module.on_fit_end()
+    (ours, once, grad), (recomputed, twice, recomputed_grad) = results
+    layers, (B, T) = len(module.model.blocks), batch.tokens.shape
+    assert once == layers < twice  # checkpointed, it ran again in backward (not in layer 0: no input needs a gradient)
+    assert recomputed <= ours <= recomputed + layers * 2 * B * T * 4  # + LN1's mean and rstd, float32 per position
+    assert torch.equal(grad, recomputed_grad) and grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("grad_cp,policy", [(False, "full"), (True, "full"), (True, "selective")])
