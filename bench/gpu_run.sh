@@ -36,6 +36,11 @@
 #       twelfth eleventh, with 1.5B (a) keeping the last KEEP blocks (default 2) after (c)
 #       thirteenth one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, (c)
 #              with 8-warp forward WKV kernels, (b) bf16/int8/nf4 without graphs, then the graph GPU tests
+#       fourteenth one GPU, cold but for the shipped caches: 1.5B (c) packed, graphs + compile + selective, (c) again
+#              with the chunked kernels of the file PREV_WKV (the same call's baseline), (a), then the chunked kernels'
+#              check and GPU tests
+#       frontier one GPU: 1.5B (a) with graphs + compile and selective recompute, selective keeping KEEP blocks
+#              (default 2), no recompute, full recompute; then (c) packed without recompute
 #       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
 #              the graph GPU tests
 #       graphtests one GPU: the GPU tests of the graphed step
@@ -297,6 +302,34 @@ case "$PLAN" in
     CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
       tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    ;;
+  fourteenth)  # one GPU, cold but for the shipped caches: 1.5B (c) packed with graphs + compile + selective, then
+               # (c) again with PREV_WKV (a file: the chunked kernels before a change, swapped in for that row), (a),
+               # the chunked kernels' check and GPU tests
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
+      --grad-cp-policy selective
+    if [ -f "${PREV_WKV:-}" ]; then
+      cp rwkv7/wkv_chunk.py /tmp/wkv_chunk_now.py && cp "$PREV_WKV" rwkv7/wkv_chunk.py
+      for f in "$LOGS"/profiles/profile-1.5b-c-*.txt; do [ -f "$f" ] && mv "$f" "${f%.txt}-now.txt"; done  # same name
+      stamp "(c) with $PREV_WKV"
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
+        --grad-cp-policy selective
+      cp /tmp/wkv_chunk_now.py rwkv7/wkv_chunk.py
+    fi
+    run_on 0 $(($(left) - 200)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
+    wkv_check 0 $(($(left) - 80)) bf16,fp32 chunk
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
+      tests/rwkv7/test_wkv_triton.py -k chunk > "$OUT/gpu_tests.log" 2>&1
+    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    ;;
+  frontier)  # one GPU: 1.5B (a) with graphs + compile along the memory/speed trade-off of activation recompute:
+             # selective, selective keeping the last KEEP blocks (default 2), none, full; then (c) packed without
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+      --grad-cp-keep "${KEEP:-2}"
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp off
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
+    run_on 0 $(($(left) - 10)) --models 1.5b --workloads c --graphs on --compile on --pack on --grad-cp off
     ;;
   cold)  # one GPU, cold but for the shipped caches: the first step (and the speed) of the fast settings
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective

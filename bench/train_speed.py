@@ -21,10 +21,11 @@ losses mean anything):
 
 Measured per row: real (non-padding) tokens/s as the median over the steps after `--warmup` (wall clock
 between optimizer steps, as the trainer reads each step's loss back, one step late), peak memory as
-`torch.cuda.max_memory_allocated` and as the whole process's use read by NVML every 10 ms (CUDA context
-included), both from the moment the weights start loading; time to first step from the process start (imports,
-model load, Triton/compile caches, first forward/backward/optimizer step); and the loss of the last step
-(`final_loss`) and the mean of the last five (`loss_last5`). Prints one table last and appends rows to `--json`.
+`torch.cuda.max_memory_allocated` (the JSON also has `max_memory_reserved`: the allocator's segments, CUDA graph
+pools included) and as the whole process's use read by NVML every 10 ms (CUDA context included), both from the
+moment the weights start loading; time to first step from the process start (imports, model load,
+Triton/compile caches, first forward/backward/optimizer step); and the loss of the last step (`final_loss`) and the
+mean of the last five (`loss_last5`). Prints one table last and appends rows to `--json`.
 Variants: `--grad-cp on,off` (`--grad-cp-keep N`: the last N blocks keep their activations; `--grad-cp-policy
 selective`: only the cheap stages are recomputed, table `cp` 1s), `--compile on,off`
 (TrainParams.compile: torch.compile of whole blocks and the head's loss),
@@ -333,6 +334,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
         "step_ms": statistics.median(r["seconds"] for r in timed) * 1e3,
         "tokens_per_step": statistics.median(r["tokens"] for r in timed) * spec.devices,
         "peak_alloc_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB if cuda else None,
         "peak_process_gb": memory.peak / GB if memory else None,
         "peak_device_used_gb": memory.peak_device / GB if memory else None,
         "process_memory_source": memory.source if memory else None,

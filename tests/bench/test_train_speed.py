@@ -36,7 +36,7 @@ def test_a_cpu_row_trains_through_the_trainer_and_reports_every_field(ts, precis
     assert ts.row_name(spec).split("-")[3] == {"full": "cp1", "selective": "cp1s"}[policy]
     assert row["steps"] == 3 and row["tokens_per_step"] == 4 * 24 and row["tokens_per_s"] > 0
     assert math.isfinite(row["final_loss"]) and math.isfinite(row["loss_last5"]) and row["first_step_s"] > 0
-    assert row["peak_process_gb"] is None and row["device"] == "cpu"
+    assert row["peak_process_gb"] is None and row["peak_reserved_gb"] is None and row["device"] == "cpu"
     text = ts.table([row, {**row, "error": "rc=1: boom"}])
     cp = {"full": "1 ", "selective": "1s"}[policy]
     assert f"| tiny  | ta | {precision.ljust(4)} | {cp} |" in text and "ERROR rc=1: boom" in text
