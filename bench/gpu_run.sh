@@ -13,44 +13,24 @@
 #              (b) bf16/int8/nf4, (c) eager and compiled
 #       graphs one GPU: the GPU tests (CUDA-graph replays vs eager), then rows with CUDA graphs: 1.5B (a) compiled and
 #              eager, (c) compiled, (b) bf16, then 0.1B, 0.4B, 2.9B (a) compiled
-#       triton one GPU: the GPU tests, our Triton WKV kernels against the reference and timed; 1.5B (a), (c) with
-#              them and with fla
-#       pack   one GPU: 1.5B (a), (c) with fla on padded batches and with our Triton kernel on packed rows
-#       verify one GPU: the Triton GPU tests and check (default launch setting), 1.5B (c) packed, compile on/off
 #       chunk  one GPU: our chunked kernel's GPU tests, its check (bf16, fp32) and time per launch setting; then
 #              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
-#       sixth  one GPU: GPU tests (graphs, chunked kernels), the chunked kernel's check and launch settings, then
-#              1.5B (a) and (c) packed with graphs + compile, and (a) without grad_cp
-#       keep   one GPU: 1.5B (a), (c) packed with graphs + compile and grad_cp_keep KEEP (default 4)
-#       eighth one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, (a) without
-#              grad_cp, then the graph GPU tests
-#       seventh one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, then the GPU
-#              tests and the chunked kernel's check
-#       ninth  one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile and selective
-#              checkpointing (the last KEEP blocks kept, default 0), (a) with full checkpointing, then the GPU tests
-#              of the graphed step and the chunked kernels, and the kernel check
-#       tenth  one GPU: 1.5B (a), (c) packed with graphs + compile and selective checkpointing, the graph GPU
-#              tests, then (a) with full checkpointing (run with SEED_INDUCTOR=0 for a compile cache to ship)
-#       eleventh one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
-#              the GPU tests of the graphed step and the chunked kernels, and the kernel check
-#       twelfth eleventh, with 1.5B (a) keeping the last KEEP blocks (default 2) after (c)
-#       thirteenth one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, (c)
-#              with 8-warp forward WKV kernels, (b) bf16/int8/nf4 without graphs, then the graph GPU tests
-#       fourteenth one GPU, cold but for the shipped caches: 1.5B (c) packed, graphs + compile + selective, (c) again
+#       keep   one GPU: 1.5B (a), (c) packed with graphs + compile + selective and grad_cp_keep KEEP (default 2)
+#       ab     one GPU, cold but for the shipped caches: 1.5B (c) packed, graphs + compile + selective, (c) again
 #              with the chunked kernels of the file PREV_WKV (the same call's baseline), (a), then the chunked kernels'
-#              check and GPU tests
+#              check and GPU tests (called `fourteenth` in call AD)
 #       frontier one GPU: 1.5B (a) with graphs + compile and selective recompute, selective keeping KEEP blocks
 #              (default 2), no recompute, full recompute; then (c) packed without recompute
 #       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
 #              the graph GPU tests
 #       graphtests one GPU: the GPU tests of the graphed step
-#       runahead one GPU: the graph GPU tests, then 1.5B (a) and (c) packed with graphs + compile, and without compile
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
 #       diag   two GPUs: GPU 1 the WKV check, evaluation cost, GPU tests; GPU 0 1.5B (a) with a cProfile, (a) without
 #              NVML sampling, (b) bf16/int8/nf4; then the DDP pair (1.5B (a) on one GPU, then on both)
-# SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it.
+# SECONDS is the wall-clock budget of the whole command (default 570); stages are cut to fit it. The plans of
+# earlier calls that are gone from here (BENCHMARKS.md names each call's plan) are in the git history.
 # Writes to $OUT: run.log, gpu_check_wkv-<backend>-<dtypes>.log, gpu_tests.log, train_speed.json, eval_speed.md,
 # logs.tgz (per-row logs and profiles), triton-cache.tgz (Triton kernels + autotune choices; unpack here with
 # `tar -xzf …/triton-cache.tgz -C .` and carry .triton next time) or, when that is too large to come back,
@@ -228,84 +208,21 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
     run_on 0 $(($(left) - 20)) --models 0.1b,0.4b,2.9b --workloads a --graphs on --compile on
     ;;
-  triton)  # one GPU: the GPU tests (graph accumulation, Triton kernels, packed rows), our Triton WKV kernels timed
-           # per launch setting against fla, then 1.5B (a) and (c) trained with them (graphs, packed rows) and fla
-    gpu_tests 150 0
-    TRITON_CONFIGS="${TRITON_CONFIGS:-block_v=16,num_warps=1;block_v=16,num_warps=1,atomic=1;block_v=8,num_warps=1,atomic=1;block_v=32,num_warps=1;block_v=32,num_warps=1,atomic=1;block_v=4,num_warps=1,atomic=1;block_v=64,num_warps=2}" \
-      wkv_check 0 120 bf16 triton
-    wkv_check 0 60 bf16 fla
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --compile on --wkv triton
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --compile off --wkv triton
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv fla
-    ;;
-  pack)  # one GPU, same call: (a) and (c) with fla (padded batches) and with our kernel on packed rows (atomic
-         # sums), all with graphs + compile
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a,c --graphs on --compile on --wkv fla
-    STATETUNE_WKV_TRITON=block_v=16,num_warps=1,atomic=1 \
-      run_on 0 $(($(left) - 20)) --models 1.5b --workloads c,a --graphs on --compile on --wkv triton --pack on
-    ;;
-  verify)  # one GPU, short: the Triton GPU tests, the kernel check with its default launch setting, (c) packed
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_wkv_triton.py tests/rwkv7/test_tuning.py > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    TRITON_CONFIGS="block_v=16,num_warps=1,atomic=1" wkv_check 0 100 bf16,fp32 triton
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on,off --wkv triton --pack on
-    ;;
-  keep)  # one GPU, cold but for the shipped caches: 1.5B (a) and (c) packed with graphs + compile, grad_cp except
-         # for the last KEEP blocks (default 4)
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-keep "${KEEP:-4}"
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on --grad-cp-keep "${KEEP:-4}"
-    ;;
-  eleventh)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile + selective, then
-             # the GPU tests of the graphed step and our chunked kernels, then the kernel check
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
-      --grad-cp-policy selective
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 100)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
-    ;;
-  twelfth)  # one GPU: eleventh, with (a) keeping the last KEEP blocks (default 2) after (c)
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
-      --grad-cp-policy selective
-    run_on 0 $(($(left) - 200)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+  keep)  # one GPU: 1.5B (a) and (c) packed with graphs + compile + selective, except for the last KEEP blocks
+         # (default 2), which keep their activations
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
       --grad-cp-keep "${KEEP:-2}"
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 100)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
-    ;;
-  thirteenth)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile + selective,
-               # (c) again with 8-warp forward kernels, the memory rows (b) bf16/int8/nf4, then the graph GPU tests
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
-      --grad-cp-policy selective
-    STATETUNE_WKV_CHUNK=fwd_warps=8 run_on 0 $(($(left) - 250)) --models 1.5b --workloads c --graphs on \
-      --compile on --pack on --grad-cp-policy selective
-    run_on 0 $(($(left) - 110)) --models 1.5b --workloads b --graphs off --precisions bf16,int8,nf4
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    ;;
-  tenth)  # one GPU: selective checkpointing on (a) and (c) packed, the graph tests, (a) with full checkpointing
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
-      --grad-cp-policy selective
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    run_on 0 $(($(left) - 15)) --models 1.5b --workloads a --graphs on --compile on
+      --grad-cp-policy selective --grad-cp-keep "${KEEP:-2}"
     ;;
   graphtests)  # one GPU: the GPU tests of the graphed step only
     CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
       tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     ;;
-  fourteenth)  # one GPU, cold but for the shipped caches: 1.5B (c) packed with graphs + compile + selective, then
-               # (c) again with PREV_WKV (a file: the chunked kernels before a change, swapped in for that row), (a),
-               # the chunked kernels' check and GPU tests
+  ab)  # one GPU, cold but for the shipped caches: 1.5B (c) packed with graphs + compile + selective, then (c) again
+       # with PREV_WKV (a file: the chunked kernels before a change, swapped in for that row), (a), then the
+       # chunked kernels' check and GPU tests
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
       --grad-cp-policy selective
     if [ -f "${PREV_WKV:-}" ]; then
@@ -323,7 +240,7 @@ case "$PLAN" in
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
     ;;
   frontier)  # one GPU: 1.5B (a) with graphs + compile along the memory/speed trade-off of activation recompute:
-             # selective, selective keeping the last KEEP blocks (default 2), none, full; then (c) packed without
+             # selective, selective keeping the last KEEP blocks (default 2), none, full; then (c) packed with none
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
       --grad-cp-keep "${KEEP:-2}"
@@ -338,56 +255,6 @@ case "$PLAN" in
     CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
       tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
     echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    ;;
-  ninth)  # one GPU, cold but for the shipped caches: selective checkpointing on (a) and (c) packed, then full
-           # checkpointing on (a) (the same call's baseline), then the GPU tests and the chunked kernel's check
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
-      --grad-cp-keep "${KEEP:-0}"
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
-      --grad-cp-policy selective --grad-cp-keep "${KEEP:-0}"
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 80)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
-    ;;
-  eighth)  # one GPU, cold but for the shipped caches: 1.5B (a), (c) packed with graphs + compile, (a) without
-           # grad_cp (its memory), then the GPU tests of the graphed step
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp off --steps 12
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 15)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py -k "graph" > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    ;;
-  seventh)  # one GPU, cold but for the shipped caches: 1.5B (a) and (c) packed with graphs + compile first (their
-            # first step), then the GPU tests of the graphed step and our chunked kernels, then the kernel check
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
-    CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16;fwd_warps_restarts=8}" wkv_check 0 $(($(left) - 15)) bf16,fp32 chunk
-    ;;
-  sixth)  # one GPU: the GPU tests of the graphed step and our chunked kernels, the kernel check (bf16, fp32) with
-          # timings per launch setting, then 1.5B (a) and (c) packed with graphs + compile, (a) without grad_cp
-    CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "chunk or graph" > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16;fwd_warps_restarts=4;fwd_warps=8}" wkv_check 0 150 bf16,fp32 chunk
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp off
-    ;;
-  runahead)  # one GPU: the graph GPU tests (incl. no synchronizing call in a step), then 1.5B (a) and (c) packed
-              # with graphs + compiled blocks, and (a), (c) with the defaults (graphs, no compile: the first step)
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --pack on
     ;;
   chunk)  # one GPU: the chunked kernel's GPU tests (kernels, graphed packed rows), its check (bf16, fp32) and time
            # per launch setting (TRITON_CONFIGS), then 1.5B (c) packed and (a) with it, and (a) with fla
@@ -411,7 +278,8 @@ case "$PLAN" in
     gpu_tests $(($(left) - 15)) 0
     wait "$side"
     ;;
-  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | triton | pack | verify | chunk | sizes | wkv)"; exit 2 ;;
+  *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
+          "chunk | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"
