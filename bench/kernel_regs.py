@@ -8,7 +8,9 @@ stores/loads and shared memory for each variant (rows with and without restarts,
 
 A kernel at 255 registers that spills keeps part of its tiles in local memory. Fewer spills did not make the
 kernels faster inside a graphed training step on the H200 (BENCHMARKS.md, sixth session): read this table as a
-hint, and let a profiled step decide.
+hint, and let a profiled step decide. Where Triton also ships nvdisasm, the table adds the machine code of the
+chunk loop (the kernel's longest loop): its instructions, local-memory loads/stores (spill traffic per chunk) and
+tensor-core instructions, counted once each, whichever branches a chunk takes inside it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rwkv7 import wkv_chunk  # noqa: E402
 
 FLOAT32_POINTERS = {"w_ptr", "dw_ptr", "s0_ptr", "ckpt_ptr", "final_ptr", "dfinal_ptr", "ds0_ptr"}
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+NVDISASM = PTXAS.with_name("nvdisasm")
 
 
 def signature(kernel: triton.JITFunction, dtype: str) -> dict[str, str]:
@@ -63,16 +66,44 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     return {key: int(m.group(1)) for key, m in found.items() if m is not None}
 
 
+def loop_report(sass: str) -> dict[str, int]:
+    """Static counts in the longest loop of disassembled machine code (`nvdisasm` output): the lines from a label
+    to the last branch back to it. `loop_instructions`, `loop_local_loads` / `loop_local_stores` (LDL / STL:
+    spills and their reloads), `loop_mma` (HMMA / WGMMA)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\S* `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    if not loops:
+        raise RuntimeError("no loop in this machine code")
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    body = [line for line in lines[start:end + 1] if re.search(r"/\*[0-9a-f]{4,}\*/", line)]  # instructions only
+    count = lambda pattern: sum(bool(re.search(pattern, line)) for line in body)  # noqa: E731
+    return {"loop_instructions": len(body), "loop_local_loads": count(r"\bLDL\b"),
+            "loop_local_stores": count(r"\bSTL\b"), "loop_mma": count(r"\b(?:HMMA|HGMMA|WGMMA)\b")}
+
+
+def disassemble(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([str(NVDISASM), str(path)], capture_output=True, text=True, check=True).stdout
+
+
 def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, T: int, H: int,
             arch: int) -> dict[str, int]:
-    """Compile one variant for `arch` and report its registers, spills and shared memory (bytes)."""
+    """Compile one variant for `arch` and report its registers, spills and shared memory (bytes), and with
+    nvdisasm the chunk loop's counts (`loop_report`)."""
     L = wkv_chunk.SETTINGS["chunk"]
     constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts, "SAVE": True,
                  "PREC": "ieee" if dtype == "fp32" else "tf32"}
     types = signature(kernel, dtype)
     source = ASTSource(fn=kernel, signature=types, constexprs={k: v for k, v in constants.items() if k in types})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    return {**ptxas_report(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared}
+    report = {**ptxas_report(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared}
+    if NVDISASM.is_file():
+        report |= loop_report(disassemble(compiled.asm["cubin"]))
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,15 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--H", type=int, default=32, help="heads")
     parser.add_argument("--kernels", default="fwd,bwd", help="comma list of fwd, bwd")
     args = parser.parse_args(argv)
-    print(f"| kernel | restarts | warps | registers | spill stores | spill loads | shared memory |\n"
-          f"|---|---|---|---|---|---|---|", flush=True)
+    loop = NVDISASM.is_file()
+    print("| kernel | restarts | warps | registers | spill stores | spill loads | shared memory |"
+          + (" chunk loop: instructions | LDL | STL | MMA |" if loop else "")
+          + "\n|---|---|---|---|---|---|---|" + ("---|---|---|---|" if loop else ""), flush=True)
     for name in args.kernels.split(","):
         kernel = {"fwd": wkv_chunk._fwd, "bwd": wkv_chunk._bwd}[name]
         for restarts in (False, True):
             for warps in map(int, args.warps.split(",")):
                 r = measure(kernel, restarts, warps, args.dtype, args.T, args.H, args.arch)
-                print(f"| {name} | {'yes' if restarts else 'no'} | {warps} | {r['registers']} | {r['spill_stores']} B "
-                      f"| {r['spill_loads']} B | {r['shared'] // 1024} KB |", flush=True)
+                cells = [name, "yes" if restarts else "no", warps, r["registers"], f"{r['spill_stores']} B",
+                         f"{r['spill_loads']} B", f"{r['shared'] // 1024} KB"]
+                if loop:
+                    cells += [r["loop_instructions"], r["loop_local_loads"], r["loop_local_stores"], r["loop_mma"]]
+                print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     return 0
 
 

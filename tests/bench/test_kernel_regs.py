@@ -23,3 +23,26 @@ def test_the_forward_kernel_compiles_for_sm90_and_ptxas_reports_on_it(kr,  # noq
     assert kr.main(["--kernels", "fwd", "--warps", "4", "--T", "64", "--H", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fwd |")]
     assert [line.split("|")[2].strip() for line in rows] == ["no", "yes"]
+    if kr.NVDISASM.is_file():  # the chunk loop's machine code: restarts add code to it
+        assert 0 < plain["loop_mma"] < plain["loop_instructions"] < restarts["loop_instructions"]
+        assert len(rows[0].split("|")) == 13
+
+
+def test_the_loop_report_counts_the_longest_loop_of_disassembled_code(kr) -> None:  # noqa: ANN001
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDL R2, [R1] ;
+        /*0020*/                   HMMA.1684.F32.TF32 R4, R8, R12, R4 ;
+.L_x_2:
+        /*0030*/                   STL [R1], R2 ;
+        /*0040*/               @P1 BRA `(.L_x_2) ;
+        /*0050*/               @P0 BRA `(.L_x_1) ;
+        /*0060*/                   BRA `(.L_x_3) ;
+.L_x_3:
+        /*0070*/                   EXIT ;
+"""
+    assert kr.loop_report(sass) == {"loop_instructions": 5, "loop_local_loads": 1, "loop_local_stores": 1,
+                                    "loop_mma": 1}
+    with pytest.raises(RuntimeError, match="no loop"):
+        kr.loop_report(sass.replace("(.L_x_1)", "(.L_x_3)").replace("(.L_x_2)", "(.L_x_3)"))
