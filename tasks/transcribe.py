@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import av
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rwkv7.atomic import atomic_path, file_sha256, write_text
@@ -72,6 +72,10 @@ class TranscribeParams(BaseModel):
     vad_filter: bool = True
     vad_min_silence_ms: int = Field(500, ge=0)
     beam_size: int = Field(5, ge=1)
+    # 0: the same media give the same transcript on every run (so DVC's cache and the demo's figures reproduce).
+    # Whisper's fallback, e.g. [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], re-decodes an unsure window by sampling at the next
+    # temperature, and then two runs can differ (a short cue at the end of a sample video came and went).
+    temperature: NonNegativeFloat | list[NonNegativeFloat] = 0.0
     # Off: with it on, tiny.en repeated earlier lines at the end of the sample dialogues.
     condition_on_previous_text: bool = False
     word_timestamps: bool = True
@@ -87,7 +91,7 @@ class TranscribeParams(BaseModel):
             "language": self.language, "hotwords": self.hotwords, "initial_prompt": self.initial_prompt,
             "vad_filter": self.vad_filter, "vad_parameters": {"min_silence_duration_ms": self.vad_min_silence_ms},
             "beam_size": self.beam_size, "condition_on_previous_text": self.condition_on_previous_text,
-            "word_timestamps": self.word_timestamps,
+            "word_timestamps": self.word_timestamps, "temperature": self.temperature,
         }
 
 

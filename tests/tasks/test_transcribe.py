@@ -21,9 +21,11 @@ from tasks.transcribe import (
     ModelNotFoundError,
     TranscribeParams,
     TranscriptCache,
+    _load,
     main,
     model_fingerprint,
     resolve_model,
+    run_whisper,
     to_cues,
     to_srt,
     transcribe,
@@ -111,6 +113,17 @@ def test_cache_key_follows_content_model_and_options(tmp_path: Path) -> None:
     assert len(paths) == 4
     split_only = TranscriptCache(tmp_path, "dir:abc:1", p.model_copy(update={"split_gap_s": 0.1}).decoding())
     assert split_only.path("0" * 64) == base.path("0" * 64)  # cue splitting happens after the cache
+    fallback = TranscriptCache(tmp_path, "dir:abc:1", p.model_copy(update={"temperature": [0.0, 0.5]}).decoding())
+    assert fallback.path("0" * 64) != base.path("0" * 64)
+
+
+def test_the_same_media_give_the_same_transcript_on_every_run() -> None:
+    """Temperature 0 (the default): no sampling fallback. With Whisper's fallback this sample's last window was
+    re-decoded by sampling in about half the runs, giving a different short cue, or none, each time."""
+    p = TranscribeParams()
+    model = _load(resolve_model(p.model), "cpu", "int8", 0)
+    runs = {json.dumps(run_whisper(model, SAMPLES / "nega-articles.mp4", p)["segments"]) for _ in range(4)}
+    assert len(runs) == 1
 
 
 def test_subtitles_next_to_media_are_passed_through(tmp_path: Path) -> None:
