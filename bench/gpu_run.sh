@@ -24,6 +24,7 @@
 #       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
 #              the graph GPU tests
 #       graphtests one GPU: the GPU tests of the graphed step
+#       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
 #       wkv    two GPUs: the WKV check, bf16 on GPU 0 (then pytest -m gpu there), fp32 on GPU 1
@@ -266,6 +267,9 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv fla
     ;;
+  memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
+    run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
+    ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --emb-host off
@@ -279,7 +283,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | sizes | wkv)"; exit 2 ;;
+          "chunk | memory | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"
