@@ -78,7 +78,9 @@ def loop_report(sass: str) -> dict[str, int]:
         raise RuntimeError("no loop in this machine code")
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
     body = [line for line in lines[start:end + 1] if re.search(r"/\*[0-9a-f]{4,}\*/", line)]  # instructions only
-    count = lambda pattern: sum(bool(re.search(pattern, line)) for line in body)  # noqa: E731
+    def count(pattern: str) -> int:
+        return sum(bool(re.search(pattern, line)) for line in body)
+
     return {"loop_instructions": len(body), "loop_local_loads": count(r"\bLDL\b"),
             "loop_local_stores": count(r"\bSTL\b"), "loop_mma": count(r"\b(?:HMMA|HGMMA|WGMMA)\b")}
 
