@@ -84,7 +84,7 @@ class TrainParams(BaseModel):
                               "(faster; each costs memory: ~0.45 GB at 1.5B with ctx_len 512 × micro_bsz 8)")
     grad_cp_policy: GradCpPolicy = Field(
         "full", description="with grad_cp, what the other blocks recompute: full (everything; least memory) or "
-                            "selective (norms, gates, WKV and the FFN's key only; keeps the attention projections' "
+                            "selective (LN2, gates, WKV, ln_x and the FFN's key only; keeps the attention projections' "
                             "outputs: half the recomputed matrix products for ~4 more [micro_bsz, ctx_len, C] "
                             "tensors per block: +10 % tokens/s for +1.8 GB at 1.5B, ctx_len 512 × micro_bsz 8)")
     embedding_on_host: bool = Field(True, description="CUDA: keep the token embedding table in host memory (only "
