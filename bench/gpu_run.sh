@@ -114,12 +114,15 @@ wkv_check() {
   echo "gpu_check_wkv $backend $dtypes rc=$?"
 }
 
+# gpu_tests SECONDS [GPU [PYTEST ARGS...]]: pytest -m gpu (default: every GPU test file) into $OUT/gpu_tests.log
 gpu_tests() {
   local secs=$1 gpu=${2:-0}
-  stamp "GPU tests (pytest -m gpu)"
+  shift $(($# < 2 ? $# : 2))
+  [ $# -gt 0 ] || set -- tests/rwkv7/test_gpu_quant.py tests/rwkv7/test_wkv.py tests/rwkv7/test_tuning.py \
+    tests/rwkv7/test_wkv_triton.py
+  stamp "GPU tests (pytest -m gpu $*)"
   [ "$secs" -gt 30 ] || { echo "GPU tests skipped (no time left)"; return 0; }
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider tests/rwkv7/test_gpu_quant.py tests/rwkv7/test_wkv.py \
-    tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py \
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider "$@" \
     > "$OUT/gpu_tests.log" 2>&1
   echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
 }
@@ -217,9 +220,7 @@ case "$PLAN" in
       --grad-cp-policy selective --grad-cp-keep "${KEEP:-2}"
     ;;
   graphtests)  # one GPU: the GPU tests of the graphed step only
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_tuning.py -k graph
     ;;
   ab)  # one GPU, cold but for the shipped caches: 1.5B (c) packed with graphs + compile + selective, then (c) again
        # with PREV_WKV (a file: the chunked kernels before a change, swapped in for that row), (a), then the
@@ -236,9 +237,7 @@ case "$PLAN" in
     fi
     run_on 0 $(($(left) - 200)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
     wkv_check 0 $(($(left) - 80)) bf16,fp32 chunk
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_wkv_triton.py -k chunk > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
   frontier)  # one GPU: 1.5B (a) with graphs + compile along the memory/speed trade-off of activation recompute:
              # selective, selective keeping the last KEEP blocks (default 2), none, full; then (c) packed with none
@@ -253,15 +252,11 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
     run_on 0 $(($(left) - 110)) --models 1.5b --workloads c --graphs on --compile on --pack on \
       --grad-cp-policy selective
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 10)) python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_tuning.py -k graph > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_tuning.py -k graph
     ;;
   chunk)  # one GPU: the chunked kernel's GPU tests (kernels, graphed packed rows), its check (bf16, fp32) and time
            # per launch setting (TRITON_CONFIGS), then 1.5B (c) packed and (a) with it, and (a) with fla
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -rA --tb=short -m gpu -p no:cacheprovider \
-      tests/rwkv7/test_wkv_triton.py tests/rwkv7/test_tuning.py -k "chunk" > "$OUT/gpu_tests.log" 2>&1
-    echo "GPU tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
+    gpu_tests 150 0 tests/rwkv7/test_wkv_triton.py tests/rwkv7/test_tuning.py -k chunk
     TRITON_CONFIGS="${TRITON_CONFIGS:-chunk=16,fwd_warps=4,bwd_warps=8}" wkv_check 0 150 bf16,fp32 chunk
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
