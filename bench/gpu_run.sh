@@ -24,6 +24,8 @@
 #       cold   one GPU, cold but for the shipped caches: 1.5B (a), (c) packed, graphs + compile + selective, then
 #              the graph GPU tests
 #       graphtests one GPU: the GPU tests of the graphed step
+#       memsnap one GPU: where the memory goes, from the allocator's history: 1.5B (a) selective, (a) without
+#              recompute, (c) packed selective, graphs + compile (logs.tgz profiles/memory-*.txt: the peak by site)
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -58,6 +60,12 @@ stamp() { echo "=== [$(($(date +%s) - T0)) s] $*"; }
 
 pack_results() {
   stamp "packing results"
+  # allocator snapshots (train_speed --memory-snapshot): gzipped into $OUT where small enough, never into logs.tgz
+  for f in "$LOGS"/profiles/memory-*.pickle; do
+    [ -f "$f" ] || continue
+    gzip -c "$f" > "$OUT/$(basename "$f").gz" && rm -f "$f"
+    [ "$(stat -c %s "$OUT/$(basename "$f").gz")" -le "$MAX_BACK" ] || { echo "$(basename "$f") too large to return"; rm -f "$OUT/$(basename "$f").gz"; }
+  done
   tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
   if [ -d .triton ]; then  # Triton kernels + autotune choices, and separately Inductor's compiled graphs
     tar -czf "$OUT/triton-cache.tgz" --exclude=.triton/inductor .triton
@@ -262,6 +270,12 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --wkv fla
     ;;
+  memsnap)  # one GPU: each row records the allocator's history (profiles/memory-<row>.txt: its peak by allocation site)
+    for row in "a --grad-cp-policy selective" "a --grad-cp off" "c --pack on --grad-cp-policy selective"; do
+      # shellcheck disable=SC2086 # the row's options are words
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads $row --graphs on --compile on --memory-snapshot --steps 12
+    done
+    ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
     ;;
@@ -278,7 +292,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memory | sizes | wkv)"; exit 2 ;;
+          "chunk | memsnap | memory | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

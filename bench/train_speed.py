@@ -44,6 +44,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import pickle
 import random
 import re
 import statistics
@@ -75,6 +76,7 @@ TINY_VOCAB = 1024
 SYNTH_ALPHABET = 2000  # synthetic texts draw Zipf-distributed tokens from this many ids
 REPLY_FRACTION = 0.5   # workload c: the loss covers the second half of each dialogue (the "reply")
 NVML_PERIOD_S = 0.01
+MEMORY_HISTORY_EVENTS = 400_000  # allocator events kept by --memory-snapshot (a 1.5B graphed row makes ~100 k)
 PYPROFILE_STEPS = 3
 LOSS_TAIL = 5
 # Launch settings of our chunked kernels, recorded per row: rwkv7.wkv_chunk.SETTINGS_ENV, named here because
@@ -128,6 +130,7 @@ class Spec:
     pack: bool = False  # TrainParams.pack
     cp_keep: int = 0  # TrainParams.grad_cp_keep
     cp_policy: str = "full"  # TrainParams.grad_cp_policy
+    memory_snapshot: bool = False  # record the CUDA allocator's history; its peak by allocation site (memory_peak.py)
 
 
 def synthetic_samples(w: Workload, n: int, seed: int, vocab: int) -> list[Any]:
@@ -164,7 +167,9 @@ class ProcessMemory:
         self.period = period
         self.peak_process = 0
         self.peak_device = 0
+        self.peak_process_later = 0  # since `mark` (the steps after the first, which captures the CUDA graphs)
         self._stop = threading.Event()
+        self._marked = False
         visible = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
         physical = int(visible[local_index]) if local_index < len(visible) and visible[local_index].isdigit() \
             else local_index  # NVML numbers GPUs physically, ignoring CUDA_VISIBLE_DEVICES
@@ -188,6 +193,8 @@ class ProcessMemory:
             for proc in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
                 if proc.pid == os.getpid() and proc.usedGpuMemory:
                     self.peak_process = max(self.peak_process, int(proc.usedGpuMemory))
+                    if self._marked:
+                        self.peak_process_later = max(self.peak_process_later, int(proc.usedGpuMemory))
         except nv.NVMLError:
             pass
         self.peak_device = max(self.peak_device, int(nv.nvmlDeviceGetMemoryInfo(self._handle).used))
@@ -199,6 +206,10 @@ class ProcessMemory:
 
     def start(self) -> None:
         self._thread.start()
+
+    def mark(self) -> None:
+        """Start `peak_process_later` here."""
+        self._marked = True
 
     def stop(self) -> None:
         self._stop.set()
@@ -272,6 +283,8 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     memory = ProcessMemory(local_rank, spec.nvml_period) if cuda and spec.nvml_period > 0 else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        if spec.memory_snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_EVENTS, stacks="python")
     if memory:
         memory.start()
     t_load = time.time()
@@ -298,12 +311,20 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate)
     module = StateTuner(model, _optim(params, spec.steps, layout), sampler, embedding_on_host=params.embedding_on_host)
     clock: dict[str, float] = {}
+    first_peaks: dict[str, int] = {}
 
     class FirstStep(Callback):
+        """Time to the first step; the peaks up to it (CUDA-graph warm-up and capture), then fresh peaks for the rest."""
+
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             if "first_step_s" not in clock:
                 if cuda:
                     torch.cuda.synchronize()
+                    first_peaks.update(alloc=torch.cuda.max_memory_allocated(),
+                                       reserved=torch.cuda.max_memory_reserved())
+                    torch.cuda.reset_peak_memory_stats()
+                if memory:
+                    memory.mark()
                 clock["first_step_s"] = time.time() - t0
 
     callbacks = [ShardBatches(sampler), FirstStep()]
@@ -318,6 +339,9 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
             trainer.fit(module, train_dataloaders=loader)
     if memory:
         memory.stop()
+    snapshot_report = None
+    if cuda and spec.memory_snapshot:
+        snapshot_report = dump_memory_snapshot(profile_dir or Path(tempfile.gettempdir()), row_name(spec))
     history = module.history
     timed = history[spec.warmup:] or history
     per_rank = statistics.median(r["tokens_per_s"] for r in timed)
@@ -333,9 +357,15 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
         "tokens_per_s_mean": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed) * spec.devices,
         "step_ms": statistics.median(r["seconds"] for r in timed) * 1e3,
         "tokens_per_step": statistics.median(r["tokens"] for r in timed) * spec.devices,
-        "peak_alloc_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
-        "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB if cuda else None,
+        "peak_alloc_gb": max(torch.cuda.max_memory_allocated(), first_peaks.get("alloc", 0)) / GB if cuda else None,
+        "peak_reserved_gb": (max(torch.cuda.max_memory_reserved(), first_peaks.get("reserved", 0)) / GB
+                             if cuda else None),
+        # after the first step: the replayed steps alone (a graphed run allocates nothing more once captured)
+        "peak_alloc_later_gb": torch.cuda.max_memory_allocated() / GB if cuda and first_peaks else None,
+        "peak_reserved_later_gb": torch.cuda.max_memory_reserved() / GB if cuda and first_peaks else None,
         "peak_process_gb": memory.peak / GB if memory else None,
+        "peak_process_later_gb": memory.peak_process_later / GB if memory and memory.peak_process_later else None,
+        "memory_snapshot": snapshot_report,
         "peak_device_used_gb": memory.peak_device / GB if memory else None,
         "process_memory_source": memory.source if memory else None,
         "first_step_s": clock.get("first_step_s"), "load_s": load_s,
@@ -345,6 +375,23 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
         "device": (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}" if cuda else "cpu"),
         "versions": _versions(), "rank": int(os.environ.get("RANK", local_rank)),
     }
+
+
+def dump_memory_snapshot(dest: Path, name: str) -> str:
+    """Write the allocator history recorded since the row began to `dest/memory-<name>.pickle`, its peak by
+    allocation site to `memory-<name>.txt` (bench/memory_peak.py), and stop recording; returns the text's path."""
+    import torch
+
+    from memory_peak import report  # bench/ is this script's directory, first on sys.path
+
+    dest.mkdir(parents=True, exist_ok=True)
+    pickle_path, text_path = dest / f"memory-{name}.pickle", dest / f"memory-{name}.txt"
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    with pickle_path.open("wb") as f:
+        pickle.dump(snapshot, f)
+    text_path.write_text(report(snapshot) + "\n")
+    return str(text_path)
 
 
 def row_name(spec: Spec) -> str:
@@ -454,7 +501,8 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     return [Spec(m, w, p, g, c, f, args.devices, args.steps, args.warmup,
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
                  nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
-                 wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep, cp_policy=args.grad_cp_policy)
+                 wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep, cp_policy=args.grad_cp_policy,
+                 memory_snapshot=args.memory_snapshot)
             for m, w, p, g, c, cg, f, wkv, pack in itertools.product(
                 split(args.models), split(args.workloads), split(args.precisions), grad_cps, compiles, graphs,
                 split(args.fla_chunk), split(args.wkv) or [""], split(args.pack))]
@@ -548,6 +596,9 @@ def main() -> int:
                         help="seconds between NVML memory reads (0: none, and no whole-process peak)")
     parser.add_argument("--pyprofile", action="store_true",
                         help=f"cProfile {PYPROFILE_STEPS} steps after warm-up into --profile-dir (Python-side cost)")
+    parser.add_argument("--memory-snapshot", action="store_true",
+                        help="record the CUDA allocator's history; write it and its peak by allocation site "
+                             "(bench/memory_peak.py) into --profile-dir")
     parser.add_argument("--json", type=Path, help="append the rows to this JSON list file")
     parser.add_argument("--log-dir", type=Path, help="one log file per row")
     parser.add_argument("--timeout", type=float, default=400, help="seconds per row")
