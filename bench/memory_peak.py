@@ -121,7 +121,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25, help="allocation sites to list")
     args = parser.parse_args()
     with args.snapshot.open("rb") as f:
-        snapshot = pickle.load(f)  # noqa: S301 - our own benchmark's output, not downloaded data
+        snapshot = pickle.load(f)  # our own benchmark's output, not downloaded data
     print(report(snapshot, args.top))
     return 0
 
