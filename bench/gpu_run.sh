@@ -26,6 +26,9 @@
 #       graphtests one GPU: the GPU tests of the graphed step
 #       memsnap one GPU: where the memory goes, from the allocator's history: 1.5B (a) selective, (a) without
 #              recompute, (c) packed selective, graphs + compile (logs.tgz profiles/memory-*.txt: the peak by site)
+#       stages one GPU: Triton's loop pipelining (num_stages) of our chunked kernels: each setting of TRITON_CONFIGS
+#              alone, then 1.5B (a) with graphs + compile + selective for each of STAGES (STATETUNE_WKV_CHUNK values;
+#              default: Triton's 3, bwd_stages=1, bwd_stages=2), (c) packed for the first two, then a memory trace
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -276,6 +279,22 @@ case "$PLAN" in
       run_on 0 $(($(left) - 20)) --models 1.5b --workloads $row --graphs on --compile on --memory-snapshot --steps 12
     done
     ;;
+  stages)  # one GPU: num_stages of our chunked kernels, alone and in the step (STAGES, space-separated settings)
+    TRITON_CONFIGS="${TRITON_CONFIGS:-;bwd_stages=1;bwd_stages=2;fwd_stages=1}" wkv_check 0 150 bf16 chunk
+    read -r -a settings <<< "${STAGES:-fwd_stages=3 bwd_stages=1 bwd_stages=2}"
+    for cfg in "${settings[@]}"; do
+      stamp "(a) with STATETUNE_WKV_CHUNK=$cfg"
+      STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on \
+        --grad-cp-policy selective
+    done
+    for cfg in "${settings[@]:0:2}"; do
+      stamp "(c) with STATETUNE_WKV_CHUNK=$cfg"
+      STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --pack on --graphs on \
+        --compile on --grad-cp-policy selective
+    done
+    run_on 0 $(($(left) - 10)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+      --memory-snapshot --steps 12
+    ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
     ;;
@@ -292,7 +311,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | memory | sizes | wkv)"; exit 2 ;;
+          "chunk | memsnap | stages | memory | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

@@ -2,9 +2,10 @@
 
 Runs on the CPU machine (no GPU needed): Triton compiles `rwkv7.wkv_chunk._fwd` / `_bwd` for the target
 architecture (default sm_90a, the H200), and the ptxas that ships with Triton reports registers per thread, spill
-stores/loads and shared memory for each variant (rows with and without restarts, warps per program):
+stores/loads and shared memory for each variant (rows with and without restarts, warps per program, stages
+of Triton's loop pipelining):
 
-    .venv/bin/python bench/kernel_regs.py [--arch 90] [--warps 4,8] [--dtype bf16] [--T 512] [--H 32]
+    .venv/bin/python bench/kernel_regs.py [--arch 90] [--warps 4,8] [--stages 3] [--dtype bf16] [--T 512] [--H 32]
 
 A kernel at 255 registers that spills keeps part of its tiles in local memory. Fewer spills did not make the
 kernels faster inside a graphed training step on the H200 (BENCHMARKS.md, sixth session): read this table as a
@@ -16,6 +17,7 @@ tensor-core instructions, counted once each, whichever branches a chunk takes in
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import subprocess
 import sys
@@ -93,7 +95,7 @@ def disassemble(cubin: bytes) -> str:
 
 
 def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, T: int, H: int,
-            arch: int) -> dict[str, int]:
+            arch: int, stages: int = 3) -> dict[str, int]:
     """Compile one variant for `arch` and report its registers, spills and shared memory (bytes), and with
     nvdisasm the chunk loop's counts (`loop_report`)."""
     L = wkv_chunk.SETTINGS["chunk"]
@@ -101,7 +103,8 @@ def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, 
                  "PREC": "ieee" if dtype == "fp32" else "tf32"}
     types = signature(kernel, dtype)
     source = ASTSource(fn=kernel, signature=types, constexprs={k: v for k, v in constants.items() if k in types})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps, "num_stages": stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     report = {**ptxas_report(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared}
     if NVDISASM.is_file():
         report |= loop_report(disassemble(compiled.asm["cubin"]))
@@ -116,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--T", type=int, default=512, help="sequence length (a multiple of 64)")
     parser.add_argument("--H", type=int, default=32, help="heads")
     parser.add_argument("--kernels", default="fwd,bwd", help="comma list of fwd, bwd")
+    parser.add_argument("--stages", default="3", help="comma list of num_stages (Triton's pipelining; 1: none)")
     args = parser.parse_args(argv)
     loop = NVDISASM.is_file()
-    print("| kernel | restarts | warps | registers | spill stores | spill loads | shared memory |"
+    print("| kernel | restarts | warps | stages | registers | spill stores | spill loads | shared memory |"
           + (" chunk loop: instructions | LDL | STL | MMA |" if loop else "")
-          + "\n|---|---|---|---|---|---|---|" + ("---|---|---|---|" if loop else ""), flush=True)
+          + "\n|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if loop else ""), flush=True)
     for name in args.kernels.split(","):
         kernel = {"fwd": wkv_chunk._fwd, "bwd": wkv_chunk._bwd}[name]
         for restarts in (False, True):
-            for warps in map(int, args.warps.split(",")):
-                r = measure(kernel, restarts, warps, args.dtype, args.T, args.H, args.arch)
-                cells = [name, "yes" if restarts else "no", warps, r["registers"], f"{r['spill_stores']} B",
+            for warps, stages in itertools.product(map(int, args.warps.split(",")), map(int, args.stages.split(","))):
+                r = measure(kernel, restarts, warps, args.dtype, args.T, args.H, args.arch, stages)
+                cells = [name, "yes" if restarts else "no", warps, stages, r["registers"], f"{r['spill_stores']} B",
                          f"{r['spill_loads']} B", f"{r['shared'] // 1024} KB"]
                 if loop:
                     cells += [r["loop_instructions"], r["loop_local_loads"], r["loop_local_stores"], r["loop_mma"]]

@@ -85,10 +85,11 @@ def site(frames: Sequence[dict[str, Any]]) -> str:
 
 
 def by_site(blocks: Iterable[dict[str, Any]]) -> list[tuple[str, int, int]]:
-    """(site, bytes, blocks) of `blocks`, largest first."""
+    """(site, bytes, blocks) of `blocks`, largest first; blocks recorded without a stack go by their size."""
     total: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for b in blocks:
-        entry = total[site(b.get("frames", []))]
+        frames = b.get("frames")
+        entry = total[site(frames) if frames else f"(no stack) blocks of {b['size'] / MB:.1f} MB"]
         entry[0] += b["size"]
         entry[1] += 1
     return sorted(((s, n, c) for s, (n, c) in total.items()), key=lambda x: -x[1])
@@ -104,7 +105,8 @@ def report(snapshot: dict[str, Any], top: int = 25) -> str:
         out.append(f"device {device}: {len(trace)} events, peak {peak.bytes / MB:.1f} MB allocated at event "
                    f"{peak.index}, {len(peak.live)} blocks live")
         out.append("stack of the allocation that reached it (innermost first):")
-        out += [f"    {_short(f['filename'])}:{f['line']} {f['name']}" for f in trace[peak.index].get("frames", [])[:30]]
+        stack = trace[peak.index].get("frames", [])[:30]
+        out += [f"    {_short(f['filename'])}:{f['line']} {f['name']}" for f in stack]
         out.append(f"{'MB':>9} {'blocks':>6}  allocated at")
         groups = by_site(peak.live)
         out += [f"{n / MB:9.1f} {c:6d}  {s}" for s, n, c in groups[:top]]

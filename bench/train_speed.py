@@ -284,7 +284,10 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         if spec.memory_snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_EVENTS, stacks="python")
+            # Python stacks broke checkpointing's recompute under torch 2.11 (SystemError from Function.apply in
+            # backward, call AJ): rows with grad_cp record sizes only
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_EVENTS, stacks="python",
+                                                     context=None if spec.grad_cp else "all")
     if memory:
         memory.start()
     t_load = time.time()
@@ -314,7 +317,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     first_peaks: dict[str, int] = {}
 
     class FirstStep(Callback):
-        """Time to the first step; the peaks up to it (CUDA-graph warm-up and capture), then fresh peaks for the rest."""
+        """Time to the first step; the peaks up to it (CUDA-graph warm-up and capture), then fresh peaks after."""
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             if "first_step_s" not in clock:

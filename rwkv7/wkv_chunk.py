@@ -58,7 +58,9 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # (241-295 KB). A version that split value rows over programs and computed the gradients of all chunks at once was
 # slower (1.79-2.99 ms; call N): the per-chunk terms that do not depend on the state dominate, and it computed
 # them two or three times.
-SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8}
+# fwd_stages / bwd_stages: Triton's software pipelining of each kernel's chunk loop (num_stages: its loads of the
+# next chunks go through shared memory ahead of use; 1 turns it off); 3 is Triton's default.
+SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8, "fwd_stages": 3, "bwd_stages": 3}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
 
@@ -270,16 +272,16 @@ class _ChunkWKV7(torch.autograd.Function):
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
         _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
-                       _precision(r.dtype), num_warps=settings["fwd_warps"])
+                       _precision(r.dtype), num_warps=settings["fwd_warps"], num_stages=settings["fwd_stages"])
         if save:
             ctx.save_for_backward(*inputs, s0, flags, ckpt)
-            ctx.launch = L, log2l, starts is not None, settings["bwd_warps"]
+            ctx.launch = L, log2l, starts is not None, settings["bwd_warps"], settings["bwd_stages"]
         return out, final
 
     @staticmethod
     def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         r, log_decay, k, v, a, b, s0, flags, ckpt = ctx.saved_tensors
-        L, log2l, resets, num_warps = ctx.launch
+        L, log2l, resets, num_warps, num_stages = ctx.launch
         B, T, H, N = r.shape
         dout = dout.contiguous()
         dfinal = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dfinal is None
@@ -287,7 +289,7 @@ class _ChunkWKV7(torch.autograd.Function):
         grads = [torch.empty_like(x) for x in (r, log_decay, k, v, a, b)]
         ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, ckpt, dout, dfinal, *grads, ds0,
-                       T, H, N, L, log2l, resets, _precision(r.dtype), num_warps=num_warps)
+                       T, H, N, L, log2l, resets, _precision(r.dtype), num_warps=num_warps, num_stages=num_stages)
         return (*grads, ds0, None)
 
 

@@ -20,12 +20,15 @@ def test_the_forward_kernel_compiles_for_sm90_and_ptxas_reports_on_it(kr,  # noq
     for r in (plain, restarts):
         assert 32 <= r["registers"] <= 255 and r["spill_stores"] >= 0 and r["spill_loads"] >= 0 and r["shared"] > 0
     assert kr.signature(kr.wkv_chunk._bwd, "bf16")["ds0_ptr"] == "*fp32"  # states stay float32
-    assert kr.main(["--kernels", "fwd", "--warps", "4", "--T", "64", "--H", "2"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fwd |")]
-    assert [line.split("|")[2].strip() for line in rows] == ["no", "yes"]
+    assert kr.main(["--kernels", "fwd", "--warps", "4", "--T", "64", "--H", "2", "--stages", "1,3"]) == 0
+    rows = [[cell.strip() for cell in line.split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| fwd |")]
+    assert [(row[2], row[4]) for row in rows] == [("no", "1"), ("no", "3"), ("yes", "1"), ("yes", "3")]
+    shared = [int(row[8].split()[0]) for row in rows]
+    assert shared[0] < shared[1] and shared[2] < shared[3]  # pipelined loads of later chunks wait in shared memory
     if kr.NVDISASM.is_file():  # the chunk loop's machine code: restarts add code to it
         assert 0 < plain["loop_mma"] < plain["loop_instructions"] < restarts["loop_instructions"]
-        assert len(rows[0].split("|")) == 13
+        assert len(rows[0]) == 14
 
 
 def test_the_loop_report_counts_the_longest_loop_of_disassembled_code(kr) -> None:  # noqa: ANN001

@@ -46,6 +46,9 @@ def test_the_peak_is_the_most_allocated_moment_with_the_blocks_alive_then(mp) ->
     assert sorted(b["addr"] for b in peak.live) == [1, 2, 3]
     assert mp.by_site(peak.live) == [("rwkv7/tuning.py:300 dense_loss ← torch/nn/modules/linear.py forward", 300, 1),
                                      ("rwkv7/model.py:120 recur ← torch/nn/functional.py layer_norm", 150, 2)]
+    # recorded without stacks: grouped by size
+    bare = [{**e, "frames": []} for e in _trace()]
+    assert mp.by_site(mp.find_peak(bare).live) == [("(no stack) blocks of 0.0 MB", 450, 3)]
     # traces without free_requested events count frees when they complete
     legacy = [e for e in _trace() if e["action"] != "free_requested"]
     assert mp.find_peak(legacy).bytes == 450
