@@ -29,6 +29,8 @@
 #       stages one GPU: Triton's loop pipelining (num_stages) of our chunked kernels: each setting of TRITON_CONFIGS
 #              alone, then 1.5B (a) with graphs + compile + selective for each of STAGES (STATETUNE_WKV_CHUNK values;
 #              default: Triton's 3, bwd_stages=1, bwd_stages=2), (c) packed for the first two, then a memory trace
+#       memfix one GPU: 1.5B (a) with graphs + compile + selective, then keeping the last blocks' activations for each
+#              of KEEPS (default "4 5"), (c) packed selective and keeping the first of KEEPS, then the memory rows
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -295,6 +297,19 @@ case "$PLAN" in
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
       --memory-snapshot --steps 12
     ;;
+  memfix)  # one GPU: what the step holds after the tenth session's memory fixes, and what keeping blocks then costs
+    read -r -a keeps <<< "${KEEPS:-4 5}"
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
+    for k in "${keeps[@]}"; do
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+        --grad-cp-keep "$k"
+    done
+    for k in 0 "${keeps[0]}"; do
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --pack on --graphs on --compile on \
+        --grad-cp-policy selective --grad-cp-keep "$k"
+    done
+    run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
+    ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
     ;;
@@ -311,7 +326,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | memory | sizes | wkv)"; exit 2 ;;
+          "chunk | memsnap | stages | memfix | memory | sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,13 +39,15 @@ def token_shift(x: Tensor, shift: Tensor, cu_seqlens: Tensor | None, starts: Ten
     The first token of each sequence sees `shift [S, C]` (S = B, or the number of packed sequences when
     `cu_seqlens [S+1]` is given with B = 1). With `starts [B, T]` every flagged position sees its row's shift
     too (rows holding several sequences; the last token returned is the row's).
+    The last tokens are a copy: a view would keep all of `x` alive for as long as the state is (in training, the
+    norms' outputs of every layer until the forward ends: 0.8 GB at 1.5B, 8 × 512; BENCHMARKS.md, tenth session).
     """
     if cu_seqlens is None:
         first = shift.to(x.dtype).unsqueeze(1)
         prev = torch.cat((first, x[:, :-1]), dim=1)
         if starts is not None:
             prev = torch.where(starts.unsqueeze(-1), first, prev)
-        return prev, x[:, -1]
+        return prev, x[:, -1].clone()
     starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
     prev = torch.cat((x[0, :1], x[0, :-1]), dim=0).index_copy(0, starts, shift.to(x.dtype))
     return prev.unsqueeze(0), x[0, ends - 1]
@@ -156,8 +159,9 @@ class Block(nn.Module):
         the norms and the WKV; between them run the frozen projections, whose backward needs no activations.
         """
         mixed, att_shift = self.att_inputs(x, att_shift, cu_seqlens, starts)
-        y, wkv, v_first = self.att.recur(*self.att.project(*mixed), v_first, wkv, cu_seqlens=cu_seqlens,
-                                         starts=starts)
+        projected = self.att.project(*mixed)
+        del mixed  # six [B, T, C] inputs that no backward needs: gone before the WKV runs, not at the return
+        y, wkv, v_first = self.att.recur(*projected, v_first, wkv, cu_seqlens=cu_seqlens, starts=starts)
         x, hidden, ffn_shift = self.ffn_hidden(x, self.att.output(y), ffn_shift, cu_seqlens, starts)
         return x + self.ffn.value(hidden), v_first, att_shift, wkv, ffn_shift
 
@@ -238,7 +242,18 @@ class RWKV7(nn.Module):
     def run_blocks(self, x: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None,
                    starts: Tensor | None = None) -> tuple[Tensor, RWKVState]:
         """Embedding rows `x [B, T, C]` → (normalized hidden states `[B, T, C]`, final state): `forward`
-        without the lookup and the head, for callers that embed themselves (a CUDA-graphed training step)."""
+        without the lookup and the head, for callers that embed themselves."""
+        layers: list[tuple[Tensor, Tensor, Tensor]] = []
+        hidden = self.hidden_states(x, state, cu_seqlens, starts, on_layer_state=lambda *s: layers.append(s))
+        att_shift, wkv, ffn_shift = (torch.stack(parts) for parts in zip(*layers, strict=True))
+        return hidden, RWKVState(att_shift=att_shift, wkv=wkv, ffn_shift=ffn_shift)
+
+    def hidden_states(self, x: Tensor, state: RWKVState | None = None, cu_seqlens: Tensor | None = None,
+                      starts: Tensor | None = None,
+                      on_layer_state: Callable[[Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
+        """`run_blocks` without collecting the final state: for a loss (a CUDA-graphed training step), which needs
+        only the hidden states. Each layer's final state goes to `on_layer_state(att_shift, wkv, ffn_shift)` if
+        given, else it is dropped at once instead of being held until the last layer (1.5B, 8 × 512: 0.1 GB)."""
         if starts is not None and (cu_seqlens is not None or starts.shape != x.shape[:2]):
             raise ValueError(f"starts must be [B, T] = {tuple(x.shape[:2])} and comes without cu_seqlens")
         n_seq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -246,14 +261,11 @@ class RWKV7(nn.Module):
             state = RWKVState.zeros(self.config, n_seq, self.device, self.dtype)
         x = self.blocks[0].ln0(x)
         v_first = None
-        att_shift, wkv, ffn_shift = [], [], []
         for block, layer in zip(self.blocks, state.layers(n_seq), strict=True):
-            x, v_first, a_s, w_s, f_s = block(x, v_first, *layer, cu_seqlens, starts)
-            att_shift.append(a_s)
-            wkv.append(w_s)
-            ffn_shift.append(f_s)
-        final = RWKVState(att_shift=torch.stack(att_shift), wkv=torch.stack(wkv), ffn_shift=torch.stack(ffn_shift))
-        return self.ln_out(x), final
+            x, v_first, att_shift, wkv, ffn_shift = block(x, v_first, *layer, cu_seqlens, starts)
+            if on_layer_state is not None:
+                on_layer_state(att_shift, wkv, ffn_shift)
+        return self.ln_out(x)
 
     def step(self, token_ids: Tensor, state: RWKVState | None = None) -> tuple[Tensor, RWKVState]:
         """One RNN step: `token_ids [B]` → (logits [B, V], state). Same maths as `forward` with T = 1."""

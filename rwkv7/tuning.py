@@ -295,7 +295,7 @@ class StateTuner(L.LightningModule):
     def batch_loss(self, batch: Batch) -> tuple[Tensor, int]:
         """(summed loss over masked targets, number of masked targets) for one batch."""
         x = self.embedded(batch)
-        hidden, _ = self.model.run_blocks(x, self.tuned_state(), cu_seqlens=batch.cu_seqlens, starts=batch.starts)
+        hidden = self.model.hidden_states(x, self.tuned_state(), cu_seqlens=batch.cu_seqlens, starts=batch.starts)
         mask = batch.loss_mask
         rows = hidden[mask]
         n = rows.shape[0]
@@ -303,8 +303,8 @@ class StateTuner(L.LightningModule):
             targets = batch.targets[mask]
             return self._cross_entropy(rows, targets, torch.ones_like(targets, dtype=torch.float32)), n
         with torch.no_grad():
-            teacher_hidden, _ = self.model.run_blocks(x, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
-                                                      starts=batch.starts)
+            teacher_hidden = self.model.hidden_states(x, self._teacher_state(), cu_seqlens=batch.cu_seqlens,
+                                                          starts=batch.starts)
         kl = self._compiled.get(_chunk_kl, _chunk_kl)
         return _chunked_head_loss(kl, self.model.head, self.optim.loss_chunk, rows, teacher_hidden[mask]), n
 
@@ -315,7 +315,7 @@ class StateTuner(L.LightningModule):
         captured in a CUDA graph. `starts`: rows of packed samples (`rwkv7.data.pack_rows_collate`). Without
         `scored` every position goes through the head (masked ones count zero); with `scored [K]` (flat
         positions) only those do, and `targets, weights` are `[K]` (see `graph_inputs`)."""
-        hidden, _ = self.model.run_blocks(x, RWKVState.from_wkv(state_wkv), starts=starts)
+        hidden = self.model.hidden_states(x, RWKVState.from_wkv(state_wkv), starts=starts)
         hidden = hidden.flatten(0, 1)
         if scored is not None:
             hidden = hidden.index_select(0, scored)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -90,6 +92,39 @@ def test_batch_one_state_broadcasts_and_hidden_plus_head_gives_logits(tiny_path,
     assert hidden.shape == (3, 4, 128)
     torch.testing.assert_close(model.head(hidden), logits)
     torch.testing.assert_close(model(tokens[1:2], init)[0], logits[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_keeps_no_activation_alive_for_the_state_and_frees_the_mixed_inputs_before_the_wkv(
+        tiny_path, make_wkv, monkeypatch):
+    """Memory of a training forward: the shift states own their [S, C] (a view of the norms' [B, T, C] outputs
+    kept those alive in every layer until the forward ended), the six mixed inputs are gone before the WKV runs,
+    and `hidden_states` gives `run_blocks`' hidden states without collecting the final state."""
+    model = load_model(tiny_path)
+    cfg = model.config
+    param = torch.nn.Parameter(make_wkv(cfg.n_layer, cfg.n_head))
+    x = model.embed(torch.randint(0, cfg.vocab_size, (3, 7)))
+    mixes, dead_at_recur = [], []
+    project, recur = type(model.blocks[0].att).project, type(model.blocks[0].att).recur
+
+    def spy_project(att, *inputs):
+        mixes[:] = [weakref.ref(t) for t in inputs]
+        return project(att, *inputs)
+
+    def spy_recur(att, *args, **kwargs):
+        dead_at_recur.append(all(ref() is None for ref in mixes))
+        return recur(att, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.blocks[0].att), "project", spy_project)
+    monkeypatch.setattr(type(model.blocks[0].att), "recur", spy_recur)
+    shifts = []
+    hidden = model.hidden_states(x, RWKVState.from_wkv(param), on_layer_state=lambda a, w, f: shifts.append((a, f)))
+    assert dead_at_recur == [True] * cfg.n_layer  # gradients flow through them (layers > 0), yet none is saved
+    assert len(shifts) == cfg.n_layer
+    for shift in (s for pair in shifts for s in pair):
+        assert shift.shape == (3, cfg.n_embd) and shift.untyped_storage().nbytes() == shift.numel() * 4
+    reference, final = model.run_blocks(x, RWKVState.from_wkv(param))
+    torch.testing.assert_close(hidden, reference, rtol=0, atol=0)
+    torch.testing.assert_close(final.att_shift, torch.stack([a for a, _ in shifts]), rtol=0, atol=0)
 
 
 def test_gradient_reaches_a_trainable_wkv_parameter_only(tiny_path):
