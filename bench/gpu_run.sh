@@ -31,6 +31,9 @@
 #              default: Triton's 3, bwd_stages=1, bwd_stages=2), (c) packed for the first two, then a memory trace
 #       memfix one GPU: 1.5B (a) with graphs + compile + selective, then keeping the last blocks' activations for each
 #              of KEEPS (default "4 5"), (c) packed selective and keeping the first of KEEPS, then the memory rows
+#       keepffn one GPU, cold but for the shipped caches: 1.5B (a) with graphs + compile + selective, then with
+#              grad_cp_keep_ffn for each of FFNS (default "12 15"), (c) packed likewise for the first of FFNS, then
+#              the graph GPU tests
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -310,6 +313,18 @@ case "$PLAN" in
     done
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
     ;;
+  keepffn)  # one GPU, cold but for the shipped caches: what keeping the FFN activations of some blocks buys
+    read -r -a ffns <<< "${FFNS:-12 15}"
+    for f in 0 "${ffns[@]}"; do
+      run_on 0 $(($(left) - 150)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+        --grad-cp-keep-ffn "$f"
+    done
+    for f in 0 "${ffns[0]}"; do
+      run_on 0 $(($(left) - 110)) --models 1.5b --workloads c --pack on --graphs on --compile on \
+        --grad-cp-policy selective --grad-cp-keep-ffn "$f"
+    done
+    gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_tuning.py -k graph
+    ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
     ;;
@@ -326,7 +341,8 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | memfix | memory | sizes | wkv)"; exit 2 ;;
+          "chunk | memsnap | stages | memfix | keepffn | memory |"\
+          "sizes | wkv)"; exit 2 ;;
 esac
 
 stamp "summary"

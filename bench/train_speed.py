@@ -130,6 +130,7 @@ class Spec:
     pack: bool = False  # TrainParams.pack
     cp_keep: int = 0  # TrainParams.grad_cp_keep
     cp_policy: str = "full"  # TrainParams.grad_cp_policy
+    cp_keep_ffn: int = 0  # TrainParams.grad_cp_keep_ffn
     memory_snapshot: bool = False  # record the CUDA allocator's history; its peak by allocation site (memory_peak.py)
 
 
@@ -298,6 +299,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     device = torch.device(spec.device)
     params = TrainParams(ctx_len=w.ctx_len, micro_bsz=w.micro_bsz, max_steps=spec.steps, lr_init=spec.lr,
                          lr_final=spec.lr / 100, grad_cp=spec.grad_cp, grad_cp_keep=spec.cp_keep,
+                         grad_cp_keep_ffn=spec.cp_keep_ffn,
                          grad_cp_policy=spec.cp_policy, loss_chunk=spec.loss_chunk,
                          loss_on="all" if w.loss_on_all else "assistant", ckpt_every_n_steps=10 ** 9,
                          progress_bar=False, device=spec.device, precision=spec.precision, devices=spec.devices,
@@ -352,6 +354,7 @@ def run_row(spec: Spec, t0: float, profile_dir: Path | None = None) -> dict[str,
     return {
         "model": spec.model, "workload": spec.workload, "precision": spec.precision,
         "grad_cp": spec.grad_cp, "grad_cp_keep": spec.cp_keep, "grad_cp_policy": spec.cp_policy,
+        "grad_cp_keep_ffn": spec.cp_keep_ffn,
         "compile": spec.compile, "graphs": spec.graphs, "emb_host": spec.emb_host,
         "wkv": layout.wkv, "pack": layout.pack, "micro_bsz": params.micro_bsz,
         "nvml_period": spec.nvml_period,
@@ -400,7 +403,8 @@ def dump_memory_snapshot(dest: Path, name: str) -> str:
 def row_name(spec: Spec) -> str:
     launch = re.sub(r"[^a-z0-9_]+", "-", os.environ.get(WKV_LAUNCH_ENV, ""))  # our chunked kernels' launch settings
     launch = f"-{launch}" if launch else ""
-    keep = ("s" if spec.cp_policy == "selective" else "") + (f"k{spec.cp_keep}" if spec.cp_keep else "")
+    keep = (("s" if spec.cp_policy == "selective" else "") + (f"k{spec.cp_keep}" if spec.cp_keep else "")
+            + (f"f{spec.cp_keep_ffn}" if spec.cp_keep_ffn else ""))
     return (f"{spec.model}-{spec.workload}-{spec.precision}-cp{int(spec.grad_cp)}{keep}-c{int(spec.compile)}-"
             f"g{int(spec.graphs)}-e{int(spec.emb_host)}-{spec.wkv or 'wkvauto'}-p{int(spec.pack)}-k{spec.fla_chunk}-"
             f"d{spec.devices}-nv{spec.nvml_period:g}{launch}")
@@ -505,6 +509,7 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
                  nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
                  wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep, cp_policy=args.grad_cp_policy,
+                 cp_keep_ffn=args.grad_cp_keep_ffn,
                  memory_snapshot=args.memory_snapshot)
             for m, w, p, g, c, cg, f, wkv, pack in itertools.product(
                 split(args.models), split(args.workloads), split(args.precisions), grad_cps, compiles, graphs,
@@ -545,7 +550,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         wkv = r.get("wkv") or "default"
         wkv = f"fla{r['fla_chunk']}" if wkv in ("default", "fla") else {"reference": "ref"}.get(wkv, wkv)
         cp = (f"{int(r['grad_cp'])}" + ("s" if r.get("grad_cp_policy") == "selective" else "")  # 1s: selective
-              + (f"-{r['grad_cp_keep']}" if r.get("grad_cp_keep") else ""))  # 1-4: 4 kept
+              + (f"-{r['grad_cp_keep']}" if r.get("grad_cp_keep") else "")  # 1-4: 4 kept
+              + (f"f{r['grad_cp_keep_ffn']}" if r.get("grad_cp_keep_ffn") else ""))  # 1sf12: 12 keep their FFN
         start = (f"| {r['model']:5} | {r['workload']:2} | {r['precision']:4} | {cp:2} | "
                  f"{int(r['compile'])}   | {int(r.get('graphs', 0))}  | {wkv:6} | "
                  f"{ {True: '1', 'on': '1', False: '0', 'off': '0'}.get(r.get('pack', False), '?')}  | "
@@ -580,6 +586,8 @@ def main() -> int:
                         help="TrainParams.grad_cp_keep: the last N blocks keep their activations")
     parser.add_argument("--grad-cp-policy", default="full", choices=("full", "selective"),
                         help="TrainParams.grad_cp_policy: what grad_cp recomputes (whole blocks, or the cheap stages)")
+    parser.add_argument("--grad-cp-keep-ffn", type=int, default=0,
+                        help="TrainParams.grad_cp_keep_ffn: with selective, N more blocks keep their FFN activations")
     parser.add_argument("--compile", default="off", help="comma list of on, off (torch.compile each block's halves)")
     parser.add_argument("--graphs", help="comma list of on, off (CUDA graphs; default: on for cuda, off for cpu)")
     parser.add_argument("--wkv", default="", help="comma list of WKV kernels (fla, chunk, triton); default: auto "

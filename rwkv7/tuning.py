@@ -68,6 +68,7 @@ class OptimSettings:
     grad_cp: bool = False
     grad_cp_keep: int = 0  # with grad_cp, the last blocks that keep their activations (no recompute)
     grad_cp_policy: GradCpPolicy = "full"  # with grad_cp, what the other blocks recompute (wrap_blocks)
+    grad_cp_keep_ffn: int = 0  # with the selective policy, blocks (before the kept ones) whose FFN is not recomputed
     compile: str | None = None  # torch.compile backend for the blocks' non-WKV work ("inductor"); None: eager
     cuda_graphs: bool = False  # replay captured CUDA graphs of each batch shape (padded or row-packed batches)
     wkv_backend: str | None = None  # rwkv7.wkv backend of the blocks during fit; None: rwkv7.wkv's default
@@ -193,17 +194,18 @@ def _chunked_head_loss(fn: Callable[..., Tensor], head: nn.Module, chunk: int, *
     return total
 
 
-def _stages(block: nn.Module) -> tuple[tuple[nn.Module, str, bool], ...]:
+def _stages(block: nn.Module, keep_ffn: bool = False) -> tuple[tuple[nn.Module, str, bool], ...]:
     """The cheap stages of a block (`rwkv7.model.Block.forward`), all its elementwise work, norms and the WKV:
     `(owner, method, recomputed under selective checkpointing)`. `att_inputs` is not recomputed: its backward needs
     only its input x, which `ffn_hidden`'s checkpoint keeps anyway, and LN1's per-row statistics (the mixes are
     products with frozen parameters), so recomputing it would save no memory and cost a pass over six [B, T, C]
-    outputs."""
-    return (block, "att_inputs", False), (block.att, "recur", True), (block, "ffn_hidden", True)
+    outputs. `keep_ffn`: `ffn_hidden` keeps its activations too (mostly the FFN key's output, 4 [B, T, C] tensors),
+    sparing the recompute of the block's largest product."""
+    return (block, "att_inputs", False), (block.att, "recur", True), (block, "ffn_hidden", not keep_ffn)
 
 
-def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy | None = None, keep: int = 0
-                ) -> None:
+def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy | None = None, keep: int = 0,
+                keep_ffn: int = 0) -> None:
     """Wrap the blocks of `model` in place for training (instance attributes; `unwrap_blocks` undoes it).
 
     `compile` (a torch.compile backend): the WKV kernel is opaque to the compiler (`rwkv7.wkv.wkv7`), so a block
@@ -219,7 +221,8 @@ def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy 
     the gates' low-rank halves; the projections themselves need no activations for their backward). The backward
     then repeats only the FFN key among the large products (1/3 of a block's) instead of all but the FFN value
     (2/3), for about 4 more [B, T, C] tensors per block (1.5B, ctx 512 × 8 on an H200: +10 % tokens/s for +1.8 GB;
-    BENCHMARKS.md).
+    BENCHMARKS.md). Under "selective", `keep_ffn` more blocks before the last `keep` recompute only `recur`: their
+    FFN keeps its activations (~5 [B, T, C] tensors: the FFN key product's output and LN2's input).
     """
     if grad_cp is not None and grad_cp not in GRAD_CP_POLICIES:
         raise ValueError(f"grad_cp policy must be one of {GRAD_CP_POLICIES}, got {grad_cp!r}")
@@ -231,7 +234,8 @@ def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy 
             dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 8 * len(blocks))
     for i, block in enumerate(blocks):
         policy = grad_cp if i < len(blocks) - keep else None
-        parts = _stages(block) if policy == "selective" else ((block, "forward", policy == "full"),)
+        keeps_ffn = i >= len(blocks) - keep - keep_ffn
+        parts = _stages(block, keeps_ffn) if policy == "selective" else ((block, "forward", policy == "full"),)
         for owner, name, recompute in parts:
             if not (compile or recompute):
                 continue
@@ -435,7 +439,8 @@ class StateTuner(L.LightningModule):
         the head's loss functions.
         `grad_cp`: each block recomputes activations in backward (non-reentrant checkpointing), but for the
         last `grad_cp_keep`, which keep them (a trade of memory for speed between the two extremes);
-        `grad_cp_policy` says what is recomputed: the whole block ("full") or its cheap stages ("selective").
+        `grad_cp_policy` says what is recomputed: the whole block ("full") or its cheap stages ("selective"), and
+        `grad_cp_keep_ffn` blocks before the kept ones recompute only their attention's cheap stages.
         `cuda_graphs`: training batches (fixed shapes: padded or row-packed) run through `dense_loss` captured in a
         CUDA graph per shape (`rwkv7.graphs`), so the host no longer launches every kernel of every step.
         `wkv_backend`: the WKV kernel every block uses (e.g. "chunk", which also restarts packed rows).
@@ -448,7 +453,7 @@ class StateTuner(L.LightningModule):
             self.model.emb.to("cpu")  # Lightning moved the whole module to the GPU; the table goes back
             torch.cuda.empty_cache()
         wrap_blocks(self.model, self.optim.compile, self.optim.grad_cp_policy if self.optim.grad_cp else None,
-                    self.optim.grad_cp_keep)
+                    self.optim.grad_cp_keep, self.optim.grad_cp_keep_ffn)
         if self.optim.compile:
             self._compiled = {_ce_and_grad: torch.compile(_ce_and_grad_fusable, backend=self.optim.compile),
                               _chunk_kl: torch.compile(_chunk_kl, backend=self.optim.compile)}

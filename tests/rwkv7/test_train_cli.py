@@ -172,6 +172,10 @@ def test_cli_train_runs_and_reports_bad_options(world_model: Path, dialogues: Pa
     assert json.loads((tmp_path / "packed" / "state.json").read_text())["metadata"]["training"]["pack"] is True
     on_cpu = runner.invoke(app, [*base, "--wkv-kernel", "fla"])
     assert on_cpu.exit_code != 0 and "wkv_kernel: fla needs CUDA" in on_cpu.output
+    keep_ffn = runner.invoke(app, [*base, "--grad-cp", "--grad-cp-keep-ffn", "4"])  # the policy is full
+    assert keep_ffn.exit_code != 0
+    assert "grad_cp_keep_ffn needs grad_cp on with grad_cp_policy selective" in keep_ffn.output
+    assert TrainParams(grad_cp=True, grad_cp_policy="selective", grad_cp_keep_ffn=4).grad_cp_keep_ffn == 4
 
 
 def test_gradient_accumulation_counts_optimizer_steps_over_whole_epochs(world_model: Path, dialogues: Path,

@@ -254,6 +254,32 @@ def test_activation_checkpointing_gives_the_same_gradient_and_recomputes_what_it
     assert [n - backward_matmuls[0] for n in backward_matmuls[1:]] == [sum(per_block), per_block[0]]
 
 
+def test_keeping_the_ffn_of_some_blocks_skips_its_recompute_only_and_sits_between_selective_and_keeping_blocks(
+        ) -> None:
+    """`grad_cp_keep_ffn`: the last block recomputes its attention's cheap stages but not its FFN (one FFN key
+    product fewer in backward), for the same gradient, more saved memory than plain selective and less than
+    keeping the whole block."""
+    batch = pad_collate(token_samples(3, 12, seed=4))
+    results = []
+    for keep, keep_ffn in ((0, 0), (0, 1), (1, 0)):
+        module = StateTuner(tiny_model(), OptimSettings(lr_init=1.0, lr_final=1.0, total_steps=1, grad_cp=True,
+                                                        grad_cp_policy="selective", grad_cp_keep=keep,
+                                                        grad_cp_keep_ffn=keep_ffn))
+        module.on_fit_start()
+        last = module.model.blocks[-1]
+        wrapped = {n for m in (last, last.att) for n in vars(m) if n in CHEAP_STAGES}
+        assert wrapped == {(0, 0): {"recur", "ffn_hidden"}, (0, 1): {"recur"}, (1, 0): set()}[keep, keep_ffn]
+        with CountMatmuls() as counter:
+            saved = saved_bytes(module, batch)
+        module.on_fit_end()
+        results.append((saved, counter.count, module.state_wkv.grad.clone()))
+    (selective, n_selective, grad), (ffn_kept, n_ffn_kept, ffn_grad), (block_kept, _, block_grad) = results
+    assert selective < ffn_kept < block_kept
+    assert n_ffn_kept == n_selective - 1  # forward and backward alike, but the FFN key is not computed again
+    assert torch.allclose(ffn_grad, grad, rtol=1e-5, atol=1e-7) and torch.allclose(block_grad, grad, rtol=1e-5,
+                                                                                     atol=1e-7)
+
+
 def saved_bytes(module: StateTuner, batch: Batch) -> int:
     """Bytes of the activations that one loss keeps for its backward (which it then runs); the frozen weights,
     which every policy keeps, left out."""
