@@ -31,9 +31,9 @@
 #              default: Triton's 3, bwd_stages=1, bwd_stages=2), (c) packed for the first two, then a memory trace
 #       memfix one GPU: 1.5B (a) with graphs + compile + selective, then keeping the last blocks' activations for each
 #              of KEEPS (default "4 5"), (c) packed selective and keeping the first of KEEPS, then the memory rows
-#       keepffn one GPU, cold but for the shipped caches: 1.5B (a) with graphs + compile + selective, then with
-#              grad_cp_keep_ffn for each of FFNS (default "12 15"), (c) packed likewise for the first of FFNS, then
-#              the graph GPU tests
+#       keepffn one GPU, cold but for the shipped caches: 1.5B (a) with graphs + compile + selective and
+#              grad_cp_keep_ffn for each of FFNS (default "0 12 15"), (c) packed likewise for each of CFFNS
+#              (default "0 12"), then the graph GPU tests as far as SECONDS allow
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -314,12 +314,13 @@ case "$PLAN" in
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
     ;;
   keepffn)  # one GPU, cold but for the shipped caches: what keeping the FFN activations of some blocks buys
-    read -r -a ffns <<< "${FFNS:-12 15}"
-    for f in 0 "${ffns[@]}"; do
+    read -r -a ffns <<< "${FFNS:-0 12 15}"
+    read -r -a cffns <<< "${CFFNS:-0 12}"
+    for f in "${ffns[@]}"; do
       run_on 0 $(($(left) - 150)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
         --grad-cp-keep-ffn "$f"
     done
-    for f in 0 "${ffns[0]}"; do
+    for f in "${cffns[@]}"; do
       run_on 0 $(($(left) - 110)) --models 1.5b --workloads c --pack on --graphs on --compile on \
         --grad-cp-policy selective --grad-cp-keep-ffn "$f"
     done
