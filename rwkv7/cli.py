@@ -156,7 +156,7 @@ def train(model: Path = MODEL_OPTION,
                                                     "(default full)"),
           grad_cp_keep_ffn: int | None = typer.Option(None, help="with --grad-cp-policy selective: N more blocks keep "
                                                       "their FFN activations instead of recomputing the FFN key "
-                                                      "product (~0.08 GB each at 1.5B, 512 × 8) (default 0)"),
+                                                      "product (~0.07 GB each at 1.5B, 512 × 8) (default 0)"),
           compile: bool | None = typer.Option(None, "--compile/--no-compile",
                                               help="torch.compile the blocks (faster steps, slower first step)"),
           cuda_graphs: str | None = typer.Option(None, help="auto, on or off: replay each batch shape's captured "

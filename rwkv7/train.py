@@ -81,15 +81,15 @@ class TrainParams(BaseModel):
     accumulate_grad_batches: int = Field(1, ge=1)
     grad_cp: bool = Field(False, description="recompute each block in backward (saves memory)")
     grad_cp_keep: int = Field(0, ge=0, description="with grad_cp: the last N blocks keep their activations instead "
-                              "(faster; each costs memory: ~0.45 GB at 1.5B with ctx_len 512 × micro_bsz 8)")
+                              "(faster; each costs memory: ~0.38 GB at 1.5B with ctx_len 512 × micro_bsz 8)")
     grad_cp_policy: GradCpPolicy = Field(
         "full", description="with grad_cp, what the other blocks recompute: full (everything; least memory) or "
                             "selective (LN2, gates, WKV, ln_x and the FFN's key only; keeps the attention projections' "
                             "outputs: half the recomputed matrix products for ~4 more [micro_bsz, ctx_len, C] "
-                            "tensors per block: +10 % tokens/s for +1.8 GB at 1.5B, ctx_len 512 × micro_bsz 8)")
+                            "tensors per block: +15 % tokens/s at 1.5B, ctx_len 512 × micro_bsz 8)")
     grad_cp_keep_ffn: int = Field(0, ge=0, description="with grad_cp_policy selective: N more blocks (before the "
                                   "last grad_cp_keep) keep their FFN's activations instead of recomputing its key "
-                                  "product (~0.08 GB each at 1.5B with ctx_len 512 × micro_bsz 8; the most speed "
+                                  "product (~0.07 GB each at 1.5B with ctx_len 512 × micro_bsz 8; the most speed "
                                   "per GB of the three grad_cp settings)")
     embedding_on_host: bool = Field(True, description="CUDA: keep the token embedding table in host memory (only "
                                     "the looked-up rows go to the GPU; saves V×C×2 bytes, 0.27 GB at 1.5B)")

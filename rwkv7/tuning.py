@@ -220,9 +220,9 @@ def wrap_blocks(model: RWKV7, compile: str | None = None, grad_cp: GradCpPolicy 
     FFN's key and squared ReLU) and keeps the outputs of the attention's frozen projections (r, k, v, output and
     the gates' low-rank halves; the projections themselves need no activations for their backward). The backward
     then repeats only the FFN key among the large products (1/3 of a block's) instead of all but the FFN value
-    (2/3), for about 4 more [B, T, C] tensors per block (1.5B, ctx 512 × 8 on an H200: +10 % tokens/s for +1.8 GB;
-    BENCHMARKS.md). Under "selective", `keep_ffn` more blocks before the last `keep` recompute only `recur`: their
-    FFN keeps its activations (~5 [B, T, C] tensors: the FFN key product's output and LN2's input).
+    (2/3), for about 4 more [B, T, C] tensors per block (1.5B, ctx 512 × 8 on an H200: +15 % tokens/s; BENCHMARKS.md).
+    Under "selective", `keep_ffn` more blocks before the last `keep` recompute only `recur`: their FFN keeps its
+    activations (~4 [B, T, C] tensors, mostly the FFN key product's output: 0.07 GB each, 0.24 ms less per step).
     """
     if grad_cp is not None and grad_cp not in GRAD_CP_POLICIES:
         raise ValueError(f"grad_cp policy must be one of {GRAD_CP_POLICIES}, got {grad_cp!r}")
