@@ -59,7 +59,8 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # slower (1.79-2.99 ms; call N): the per-chunk terms that do not depend on the state dominate, and it computed
 # them two or three times.
 # fwd_stages / bwd_stages: Triton's software pipelining of each kernel's chunk loop (num_stages: its loads of the
-# next chunks go through shared memory ahead of use; 1 turns it off); 3 is Triton's default.
+# next chunks go through shared memory ahead of use; 1 turns it off). 3, Triton's default, is the fastest in the
+# graphed 1.5B step: bwd_stages 1 / 2 were 2.5 / 1.1 % slower (call AK, tenth session).
 SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8, "fwd_stages": 3, "bwd_stages": 3}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
