@@ -15,7 +15,8 @@
 #              eager, (c) compiled, (b) bf16, then 0.1B, 0.4B, 2.9B (a) compiled
 #       chunk  one GPU: our chunked kernel's GPU tests, its check (bf16, fp32) and time per launch setting; then
 #              1.5B (c) packed and (a) with the default kernel (chunk), and (a) with fla, all graphs + compile
-#       keep   one GPU: 1.5B (a), (c) packed with graphs + compile + selective and grad_cp_keep KEEP (default 2)
+#       keep   one GPU: 1.5B (a) with graphs + compile + selective and grad_cp_keep for each of KEEPS (default "2"),
+#              then (c) packed with the first of KEEPS (call AL ran the plan memfix, since folded into this one)
 #       ab     one GPU, cold but for the shipped caches: 1.5B (c) packed, graphs + compile + selective, (c) again
 #              with the chunked kernels of the file PREV_WKV (the same call's baseline), (a), then the chunked kernels'
 #              check and GPU tests (called `fourteenth` in call AD)
@@ -29,8 +30,6 @@
 #       stages one GPU: Triton's loop pipelining (num_stages) of our chunked kernels: each setting of TRITON_CONFIGS
 #              alone, then 1.5B (a) with graphs + compile + selective for each of STAGES (STATETUNE_WKV_CHUNK values;
 #              default: Triton's 3, bwd_stages=1, bwd_stages=2), (c) packed for the first two, then a memory trace
-#       memfix one GPU: 1.5B (a) with graphs + compile + selective, then keeping the last blocks' activations for each
-#              of KEEPS (default "4 5"), (c) packed selective and keeping the first of KEEPS, then the memory rows
 #       keepffn one GPU, cold but for the shipped caches: 1.5B (a) with graphs + compile + selective and
 #              grad_cp_keep_ffn for each of FFNS (default "0 12 15"), (c) packed likewise for each of CFFNS
 #              (default "0 12"), then the graph GPU tests as far as SECONDS allow
@@ -228,12 +227,15 @@ case "$PLAN" in
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs on
     run_on 0 $(($(left) - 20)) --models 0.1b,0.4b,2.9b --workloads a --graphs on --compile on
     ;;
-  keep)  # one GPU: 1.5B (a) and (c) packed with graphs + compile + selective, except for the last KEEP blocks
-         # (default 2), which keep their activations
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
-      --grad-cp-keep "${KEEP:-2}"
+  keep)  # one GPU: 1.5B (a) with graphs + compile + selective, except for the last N blocks (each N of KEEPS, 0:
+         # none), which keep their activations; then (c) packed with the first N
+    read -r -a keeps <<< "${KEEPS:-2}"
+    for k in "${keeps[@]}"; do
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+        --grad-cp-keep "$k"
+    done
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --graphs on --compile on --pack on \
-      --grad-cp-policy selective --grad-cp-keep "${KEEP:-2}"
+      --grad-cp-policy selective --grad-cp-keep "${keeps[0]}"
     ;;
   graphtests)  # one GPU: the GPU tests of the graphed step only
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_tuning.py -k graph
@@ -300,19 +302,6 @@ case "$PLAN" in
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
       --memory-snapshot --steps 12
     ;;
-  memfix)  # one GPU: what the step holds after the tenth session's memory fixes, and what keeping blocks then costs
-    read -r -a keeps <<< "${KEEPS:-4 5}"
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective
-    for k in "${keeps[@]}"; do
-      run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
-        --grad-cp-keep "$k"
-    done
-    for k in 0 "${keeps[0]}"; do
-      run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --pack on --graphs on --compile on \
-        --grad-cp-policy selective --grad-cp-keep "$k"
-    done
-    run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
-    ;;
   keepffn)  # one GPU, cold but for the shipped caches: what keeping the FFN activations of some blocks buys
     read -r -a ffns <<< "${FFNS:-0 12 15}"
     read -r -a cffns <<< "${CFFNS:-0 12}"
@@ -342,7 +331,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | memfix | keepffn | memory |"\
+          "chunk | memsnap | stages | keepffn | memory |"\
           "sizes | wkv)"; exit 2 ;;
 esac
 
