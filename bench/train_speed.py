@@ -387,16 +387,16 @@ def dump_memory_snapshot(dest: Path, name: str) -> str:
     """Write the allocator history recorded since the row began to `dest/memory-<name>.pickle`, its peak by
     allocation site to `memory-<name>.txt` (bench/memory_peak.py), and stop recording; returns the text's path."""
     import torch
-
     from memory_peak import report  # bench/ is this script's directory, first on sys.path
 
-    dest.mkdir(parents=True, exist_ok=True)
-    pickle_path, text_path = dest / f"memory-{name}.pickle", dest / f"memory-{name}.txt"
+    from rwkv7.atomic import atomic_path, write_text
+
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    with pickle_path.open("wb") as f:
+    with atomic_path(dest / f"memory-{name}.pickle") as tmp, open(tmp, "wb") as f:
         pickle.dump(snapshot, f)
-    text_path.write_text(report(snapshot) + "\n")
+    text_path = dest / f"memory-{name}.txt"
+    write_text(text_path, report(snapshot) + "\n")
     return str(text_path)
 
 
@@ -509,8 +509,7 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
                  args.loss_chunk_b if w == "b" else args.loss_chunk, args.device, args.lr,
                  nvml_period=args.nvml_period, pyprofile=args.pyprofile, graphs=cg, emb_host=args.emb_host == "on",
                  wkv=wkv, pack=pack == "on", cp_keep=args.grad_cp_keep, cp_policy=args.grad_cp_policy,
-                 cp_keep_ffn=args.grad_cp_keep_ffn,
-                 memory_snapshot=args.memory_snapshot)
+                 cp_keep_ffn=args.grad_cp_keep_ffn, memory_snapshot=args.memory_snapshot)
             for m, w, p, g, c, cg, f, wkv, pack in itertools.product(
                 split(args.models), split(args.workloads), split(args.precisions), grad_cps, compiles, graphs,
                 split(args.fla_chunk), split(args.wkv) or [""], split(args.pack))]
