@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rwkv7.atomic import atomic_path  # noqa: E402
+from rwkv7.report import save_figure  # noqa: E402
 
 TARGET_TOKENS_PER_S = 60_000  # issue 4: 1.5B, workload (a), bf16
 TARGET_PROCESS_GB = 7.9
@@ -71,9 +71,7 @@ def plot(pts: Sequence[tuple[str, str, float, float]], dest: Path, title: str) -
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    return dest
+    return save_figure(fig, dest)
 
 
 def main(argv: list[str] | None = None) -> int:

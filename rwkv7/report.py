@@ -133,7 +133,8 @@ def _float(cell: str | None) -> float | None:
         return None
 
 
-def _save(fig: Figure, dest: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Figure, dest: str | os.PathLike[str]) -> Path:
+    """`fig` as a PNG at `dest`, written atomically."""
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png", dpi=FIG_DPI, bbox_inches="tight")
     return Path(dest)
@@ -153,7 +154,7 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, tuple[list[float], list
     ax.grid(alpha=0.3)
     if runs:
         ax.legend(fontsize="small")
-    return _save(fig, dest)
+    return save_figure(fig, dest)
 
 
 def plot_val_loss(results: Sequence[VariantResult], dest: str | os.PathLike[str]) -> Path:
@@ -180,7 +181,7 @@ def plot_val_loss(results: Sequence[VariantResult], dest: str | os.PathLike[str]
     ax.set_title("Validation loss: tuned state vs baselines")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, dest)
+    return save_figure(fig, dest)
 
 
 @dataclass(frozen=True)
