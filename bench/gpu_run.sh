@@ -32,7 +32,13 @@
 #              default: Triton's 3, bwd_stages=1, bwd_stages=2), (c) packed for the first two, then a memory trace
 #       keepffn one GPU, cold but for the shipped caches: 1.5B (a) with graphs + compile + selective and
 #              grad_cp_keep_ffn for each of FFNS (default "0 12 15"), (c) packed likewise for each of CFFNS
-#              (default "0 12"), then the graph GPU tests as far as SECONDS allow
+#              (default "0 12"), the memory rows (b) of PRECISIONS (e.g. int8,bf16,nf4; none by default), then the
+#              GPU tests of the graphed step and of the chunked kernels as far as SECONDS allow
+#       dots   one GPU: our chunked kernels' products with bfloat16 operands (bf16_dots) and chunk-start states in
+#              bfloat16 (bf16_states) against TF32 / float32: the check with the shipped defaults, each setting of
+#              TRITON_CONFIGS alone, then 1.5B (a) with graphs + compile + selective + 15 FFNs kept for each of DOTS,
+#              (a) with each of FFNS (default 18) FFNs kept, (c) packed, the memory rows (b) int8/bf16/nf4, then the
+#              chunked kernels' GPU tests
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -313,7 +319,29 @@ case "$PLAN" in
       run_on 0 $(($(left) - 110)) --models 1.5b --workloads c --pack on --graphs on --compile on \
         --grad-cp-policy selective --grad-cp-keep-ffn "$f"
     done
-    gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_tuning.py -k graph
+    if [ -n "${PRECISIONS:-}" ]; then
+      run_on 0 $(($(left) - 60)) --models 1.5b --workloads b --graphs off --precisions "$PRECISIONS"
+    fi
+    gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "graph or chunk"
+    ;;
+  dots)  # one GPU: the chunked kernels' products and stored states in bfloat16 against TF32 / float32, alone and
+          # in the step, then the memory rows (b)
+    TRITON_CONFIGS="${TRITON_CONFIGS:-bf16_dots=0,bf16_states=0;bf16_states=0;bf16_states=1;bwd_warps=4}" \
+      wkv_check 0 150 bf16 chunk
+    read -r -a settings <<< "${DOTS:-bf16_states=1 bf16_states=0 bwd_warps=4}"
+    for cfg in "${settings[@]}"; do
+      stamp "(a) with STATETUNE_WKV_CHUNK=$cfg"
+      STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 240)) --models 1.5b --workloads a --graphs on --compile on \
+        --grad-cp-policy selective --grad-cp-keep-ffn 15
+    done
+    for f in ${FFNS:-18}; do
+      run_on 0 $(($(left) - 200)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+        --grad-cp-keep-ffn "$f"
+    done
+    run_on 0 $(($(left) - 160)) --models 1.5b --workloads c --pack on --graphs on --compile on \
+      --grad-cp-policy selective --grad-cp-keep-ffn 15
+    run_on 0 $(($(left) - 50)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
+    gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
@@ -331,7 +359,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | keepffn | memory |"\
+          "chunk | memsnap | stages | keepffn | dots | memory |"\
           "sizes | wkv)"; exit 2 ;;
 esac
 

@@ -95,13 +95,15 @@ def disassemble(cubin: bytes) -> str:
 
 
 def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, T: int, H: int,
-            arch: int, stages: int = 3) -> dict[str, int]:
+            arch: int, stages: int = 3, prec: str = "tf32") -> dict[str, int]:
     """Compile one variant for `arch` and report its registers, spills and shared memory (bytes), and with
     nvdisasm the chunk loop's counts (`loop_report`)."""
     L = wkv_chunk.SETTINGS["chunk"]
     constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts, "SAVE": True,
-                 "PREC": "ieee" if dtype == "fp32" else "tf32"}
+                 "PREC": "ieee" if dtype == "fp32" else prec}
     types = signature(kernel, dtype)
+    if prec == "bf16" and dtype != "fp32" and wkv_chunk.SETTINGS["bf16_states"]:
+        types["ckpt_ptr"] = "*bf16"  # the chunk-start states in bfloat16 (rwkv7.wkv_chunk: bf16_states)
     source = ASTSource(fn=kernel, signature=types, constexprs={k: v for k, v in constants.items() if k in types})
     options = {"num_warps": warps, "num_stages": stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--H", type=int, default=32, help="heads")
     parser.add_argument("--kernels", default="fwd,bwd", help="comma list of fwd, bwd")
     parser.add_argument("--stages", default="3", help="comma list of num_stages (Triton's pipelining; 1: none)")
+    parser.add_argument("--prec", default="tf32", choices=("tf32", "bf16"),
+                        help="the products' precision for bf16 inputs (rwkv7.wkv_chunk._dot; bf16: bf16_dots=1)")
     args = parser.parse_args(argv)
     loop = NVDISASM.is_file()
     print("| kernel | restarts | warps | stages | registers | spill stores | spill loads | shared memory |"
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         kernel = {"fwd": wkv_chunk._fwd, "bwd": wkv_chunk._bwd}[name]
         for restarts in (False, True):
             for warps, stages in itertools.product(map(int, args.warps.split(",")), map(int, args.stages.split(","))):
-                r = measure(kernel, restarts, warps, args.dtype, args.T, args.H, args.arch, stages)
+                r = measure(kernel, restarts, warps, args.dtype, args.T, args.H, args.arch, stages, args.prec)
                 cells = [name, "yes" if restarts else "no", warps, stages, r["registers"], f"{r['spill_stores']} B",
                          f"{r['spill_loads']} B", f"{r['shared'] // 1024} KB"]
                 if loop:

@@ -31,17 +31,20 @@ computed only in chunks that restart.
 One program per (batch row, head) walks the chunks in order and keeps S in float32 registers; it stores the
 state at every chunk start for the backward pass, which walks the chunks in reverse, recomputes each chunk's
 matrices from its stored state, and carries dS. Memory kept for backward: `T / L` states per row and head.
-Products run in float32 ("ieee") for float32 inputs and in TF32 on tensor cores otherwise; the cumulative sums
-and the inverse always in float32.
+Products run in float32 ("ieee") for float32 inputs and with bfloat16 operands (or TF32: `bf16_dots=0`) on tensor
+cores otherwise, accumulating in float32; the cumulative sums and the inverse always in float32. The chunk-start
+states are kept in bfloat16 for bf16 inputs (`bf16_states`), in float32 otherwise.
 
 Status: checked against `wkv7_reference` in Triton's interpreter (tests/rwkv7/test_wkv_triton.py) and on an
-H200 (`bench/gpu_check_wkv.py --backend chunk`: fp32 ≤ 5.8e-7, bf16 ≤ 5.3e-3 relative on outputs, final state and
+H200 (`bench/gpu_check_wkv.py --backend chunk`: fp32 ≤ 5.8e-7, bf16 ≤ 6.6e-3 relative on outputs, final state and
 every gradient incl. d(initial state), with and without restarts). The default training kernel
-(`TrainParams.wkv_kernel`): 1.37–1.65 ms per layer forward + backward alone (fla: 2.7–3.2 ms), 24.7 ms of a
-1.5B training step inside a CUDA graph (fla: ~35 ms); BENCHMARKS.md, fifth session.
+(`TrainParams.wkv_kernel`): 1.07 ms per layer forward + backward alone (fla: 2.7–3.2 ms), 15.6 ms of a 1.5B
+training step inside a CUDA graph (fla: ~35 ms); BENCHMARKS.md, fifth and eleventh sessions.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -61,7 +64,20 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # fwd_stages / bwd_stages: Triton's software pipelining of each kernel's chunk loop (num_stages: its loads of the
 # next chunks go through shared memory ahead of use; 1 turns it off). 3, Triton's default, is the fastest in the
 # graphed 1.5B step: bwd_stages 1 / 2 were 2.5 / 1.1 % slower (call AK, tenth session).
-SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 8, "fwd_stages": 3, "bwd_stages": 3}
+# bf16_dots (bf16 inputs only; float32 inputs always multiply in IEEE float32): the products' operands rounded to
+# bfloat16 instead of TF32. The kernels are bound by moving tiles into the tensor cores' layout (through shared
+# memory) and by register spills, not by the products' arithmetic: bfloat16 halves both (backward's chunk loop: 2773
+# -> 1764 instructions, 356 -> 44 bytes of spills; bench/kernel_regs.py). Errors against the float32 reference stay
+# at the level of bf16 rounding of the inputs and outputs (gpu_check_wkv, bf16: <= 6.6e-3 relative, against <= 5.3e-3
+# with TF32; the final state 1.8e-3 instead of 5e-4); a 1.5B model's loss after 30 steps moved by +0.04 %.
+# bf16_states: the chunk-start states kept for backward in bfloat16 (half the bytes; backward's products round
+# them to bfloat16 anyway under bf16_dots). H200, the graphed 1.5B (a) step (eleventh session, calls AQ, AR): WKV
+# forward 8.9 -> 8.0 -> 6.7 ms, backward 16.2 -> 11.0 -> 10.6 ms; with both, backward on 4 warps (two programs per SM,
+# all 256 resident at once) instead of 8: 8.8 ms; step 78.1 -> 67.5 ms. Splitting the backward into a sequential
+# kernel for the chain of state gradients and a parallel one per chunk for the input gradients was slower
+# (1.69 against 1.52 ms alone, 0.17 + 0.57 ms in the step against 0.74: call AO): the per-chunk work is the cost.
+SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 4, "fwd_stages": 3, "bwd_stages": 3, "bf16_dots": 1,
+            "bf16_states": 1}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
 
@@ -71,6 +87,28 @@ def launch_settings() -> dict[str, int]:
     if settings["chunk"] not in (16, 32, 64):
         raise ValueError(f"{SETTINGS_ENV}: chunk must be 16, 32 or 64, got {settings['chunk']}")
     return settings
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32: bfloat16 products in Triton's
+    interpreter, whose own bfloat16 tl.dot returns wrong values (triton 3.6)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(x, y, PREC: tl.constexpr):
+    """x @ y, accumulated in float32, of float32 tiles: in IEEE float32 or TF32 (PREC "ieee" / "tf32"), or with
+    both operands rounded to bfloat16 ("bf16"; "bf16-emulated" rounds them the same way and multiplies in float32)."""
+    if PREC == "bf16":  # both branches assign: Triton compiles the code after a constexpr branch's return too
+        product = tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    elif PREC == "bf16-emulated":
+        product = tl.dot(_round_bf16(x), _round_bf16(y), input_precision="ieee")
+    else:
+        product = tl.dot(x, y, input_precision=PREC)
+    return product
 
 
 @triton.jit
@@ -116,10 +154,10 @@ def _chunk_terms(r, lw, k, a, b, seg, rows, L: tl.constexpr, LOG2L: tl.constexpr
     bh = b * grow
     kh = k * grow
     tail = tl.where(last[:, None], tl.exp(c_end[None, :] - c), 0.0)
-    m_ab = tl.dot(ap, tl.trans(bh), input_precision=PREC) * strict
-    m_ak = tl.dot(ap, tl.trans(kh), input_precision=PREC) * strict
-    m_rb = tl.dot(rp, tl.trans(bh), input_precision=PREC) * incl
-    m_rk = tl.dot(rp, tl.trans(kh), input_precision=PREC) * incl
+    m_ab = _dot(ap, tl.trans(bh), PREC) * strict
+    m_ak = _dot(ap, tl.trans(kh), PREC) * strict
+    m_rb = _dot(rp, tl.trans(bh), PREC) * incl
+    m_rk = _dot(rp, tl.trans(kh), PREC) * incl
     inv = _unit_lower_inverse(m_ab, rows, LOG2L)
     return incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, m_ab, m_ak, m_rb, m_rk, inv
 
@@ -138,28 +176,28 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
     S = tl.load(s0_ptr + pid * N * N + tile)
     for ci in range(NC):
         if SAVE:
-            tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S)
+            tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S.to(ckpt_ptr.dtype.element_ty))
         offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
         cont = (seg == 0)[:, None]  # rows that continue from the carried state
-        y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
-        o = tl.dot(tl.where(cont, rp, 0.0), tl.trans(S), input_precision=PREC)
+        y = _dot(tl.where(cont, ap, 0.0), tl.trans(S), PREC)
+        o = _dot(tl.where(cont, rp, 0.0), tl.trans(S), PREC)
         enter = S
         if RESETS:  # noqa: SIM102 - a compile-time branch around a run-time one
             if tl.max(seg, axis=0) > 0:  # a restart in this chunk: later segments start from the initial state
                 first = tl.load(s0_ptr + pid * N * N + tile)  # read where needed: registers stay free
-                y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
-                o += tl.dot(tl.where(cont, 0.0, rp), tl.trans(first), input_precision=PREC)
+                y += _dot(tl.where(cont, 0.0, ap), tl.trans(first), PREC)
+                o += _dot(tl.where(cont, 0.0, rp), tl.trans(first), PREC)
                 enter = first
-        y += tl.dot(m_ak, v, input_precision=PREC)
-        u = tl.dot(inv, y, input_precision=PREC)
-        o += tl.dot(m_rb, u, input_precision=PREC) + tl.dot(m_rk, v, input_precision=PREC)
+        y += _dot(m_ak, v, PREC)
+        u = _dot(inv, y, PREC)
+        o += _dot(m_rb, u, PREC) + _dot(m_rk, v, PREC)
         tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty))
-        S = (enter * tl.exp(c_end)[None, :] + tl.dot(tl.trans(u), b * tail, input_precision=PREC)
-             + tl.dot(tl.trans(v), k * tail, input_precision=PREC))
+        S = (enter * tl.exp(c_end)[None, :] + _dot(tl.trans(u), b * tail, PREC)
+             + _dot(tl.trans(v), k * tail, PREC))
     tl.store(final_ptr + pid * N * N + tile, S)
 
 
@@ -179,7 +217,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
     dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
     for i in range(NC):
         ci = NC - 1 - i
-        S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile)
+        S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile).to(tl.float32)
         offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         do = tl.load(dout_ptr + offs).to(tl.float32)
@@ -190,47 +228,47 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
         bbar = b * tail
         kbar = k * tail
         # forward again: u
-        y = tl.dot(tl.where(cont, ap, 0.0), tl.trans(S), input_precision=PREC)
+        y = _dot(tl.where(cont, ap, 0.0), tl.trans(S), PREC)
         enter = S
         restarted = False
         if RESETS:  # noqa: SIM102 - a compile-time branch around a run-time one
             if tl.max(seg, axis=0) > 0:  # later segments (and the chunk's end) come from the initial state
                 first = tl.load(s0_ptr + pid * N * N + tile)
-                y += tl.dot(tl.where(cont, 0.0, ap), tl.trans(first), input_precision=PREC)
+                y += _dot(tl.where(cont, 0.0, ap), tl.trans(first), PREC)
                 enter = first
                 restarted = True
-        y += tl.dot(m_ak, v, input_precision=PREC)
-        u = tl.dot(inv, y, input_precision=PREC)
+        y += _dot(m_ak, v, PREC)
+        u = _dot(inv, y, PREC)
         # S_L = enter·diag(e^{c_L}) + uᵀ B̄ + vᵀ K̄ and o = R' Sᵀ + M_rb u + M_rk v
-        du = (tl.dot(tl.trans(m_rb), do, input_precision=PREC)
-              + tl.dot(bbar, tl.trans(dS), input_precision=PREC))
-        dy = tl.dot(tl.trans(inv), du, input_precision=PREC)  # u = (I − M_ab)⁻¹ y
-        dm_ab = tl.dot(dy, tl.trans(u), input_precision=PREC) * strict
-        dm_ak = tl.dot(dy, tl.trans(v), input_precision=PREC) * strict
-        dm_rb = tl.dot(do, tl.trans(u), input_precision=PREC) * incl
-        dm_rk = tl.dot(do, tl.trans(v), input_precision=PREC) * incl
-        dv = (tl.dot(tl.trans(m_ak), dy, input_precision=PREC) + tl.dot(tl.trans(m_rk), do, input_precision=PREC)
-              + tl.dot(kbar, tl.trans(dS), input_precision=PREC))
+        du = (_dot(tl.trans(m_rb), do, PREC)
+              + _dot(bbar, tl.trans(dS), PREC))
+        dy = _dot(tl.trans(inv), du, PREC)  # u = (I − M_ab)⁻¹ y
+        dm_ab = _dot(dy, tl.trans(u), PREC) * strict
+        dm_ak = _dot(dy, tl.trans(v), PREC) * strict
+        dm_rb = _dot(do, tl.trans(u), PREC) * incl
+        dm_rk = _dot(do, tl.trans(v), PREC) * incl
+        dv = (_dot(tl.trans(m_ak), dy, PREC) + _dot(tl.trans(m_rk), do, PREC)
+              + _dot(kbar, tl.trans(dS), PREC))
         do_c = tl.where(cont, do, 0.0)
         dy_c = tl.where(cont, dy, 0.0)
-        drp = (tl.dot(do_c, S, input_precision=PREC) + tl.dot(dm_rb, bh, input_precision=PREC)
-               + tl.dot(dm_rk, kh, input_precision=PREC))
-        dap = (tl.dot(dy_c, S, input_precision=PREC) + tl.dot(dm_ab, bh, input_precision=PREC)
-               + tl.dot(dm_ak, kh, input_precision=PREC))
-        dS_prev = (tl.dot(tl.trans(do_c), rp, input_precision=PREC)
-                   + tl.dot(tl.trans(dy_c), ap, input_precision=PREC))
+        drp = (_dot(do_c, S, PREC) + _dot(dm_rb, bh, PREC)
+               + _dot(dm_rk, kh, PREC))
+        dap = (_dot(dy_c, S, PREC) + _dot(dm_ab, bh, PREC)
+               + _dot(dm_ak, kh, PREC))
+        dS_prev = (_dot(tl.trans(do_c), rp, PREC)
+                   + _dot(tl.trans(dy_c), ap, PREC))
         if restarted:
             first = tl.load(s0_ptr + pid * N * N + tile)  # again: holding it across the chunk costs registers
             do_f = tl.where(cont, 0.0, do)
             dy_f = tl.where(cont, 0.0, dy)
-            drp += tl.dot(do_f, first, input_precision=PREC)
-            dap += tl.dot(dy_f, first, input_precision=PREC)
-            dfirst += (tl.dot(tl.trans(do_f), rp, input_precision=PREC)
-                       + tl.dot(tl.trans(dy_f), ap, input_precision=PREC))
-        dbh = tl.dot(tl.trans(dm_ab), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rb), rp, input_precision=PREC)
-        dkh = tl.dot(tl.trans(dm_ak), ap, input_precision=PREC) + tl.dot(tl.trans(dm_rk), rp, input_precision=PREC)
-        dbbar = tl.dot(u, dS, input_precision=PREC)
-        dkbar = tl.dot(v, dS, input_precision=PREC)
+            drp += _dot(do_f, first, PREC)
+            dap += _dot(dy_f, first, PREC)
+            dfirst += (_dot(tl.trans(do_f), rp, PREC)
+                       + _dot(tl.trans(dy_f), ap, PREC))
+        dbh = _dot(tl.trans(dm_ab), ap, PREC) + _dot(tl.trans(dm_rb), rp, PREC)
+        dkh = _dot(tl.trans(dm_ak), ap, PREC) + _dot(tl.trans(dm_rk), rp, PREC)
+        dbbar = _dot(u, dS, PREC)
+        dkbar = _dot(v, dS, PREC)
         decay_end = tl.exp(c_end)
         dc_end = tl.sum(dS * enter, axis=0) * decay_end + tl.sum(dbbar * bbar + dkbar * kbar, axis=0)
         carried = dS * decay_end[None, :]
@@ -252,8 +290,14 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
     tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype, bf16_dots: int) -> str:
+    """The products' precision (`_dot`): IEEE float32 for float32 inputs; for bf16 inputs bfloat16 operands
+    (`bf16_dots`), emulated under TRITON_INTERPRET=1, or TF32."""
+    if dtype == torch.float32:
+        return "ieee"
+    if not bf16_dots:
+        return "tf32"
+    return "bf16-emulated" if os.environ.get("TRITON_INTERPRET") == "1" else "bf16"
 
 
 class _ChunkWKV7(torch.autograd.Function):
@@ -269,20 +313,22 @@ class _ChunkWKV7(torch.autograd.Function):
         inputs, s0, flags = kernel_inputs(r, log_decay, k, v, a, b, s0, starts)
         save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
-        ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device, dtype=torch.float32)
+        prec = _precision(r.dtype, settings["bf16_dots"])
+        ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device,
+                           dtype=torch.bfloat16 if settings["bf16_states"] and prec != "ieee" else torch.float32)
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
         _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
-                       _precision(r.dtype), num_warps=settings["fwd_warps"], num_stages=settings["fwd_stages"])
+                       prec, num_warps=settings["fwd_warps"], num_stages=settings["fwd_stages"])
         if save:
             ctx.save_for_backward(*inputs, s0, flags, ckpt)
-            ctx.launch = L, log2l, starts is not None, settings["bwd_warps"], settings["bwd_stages"]
+            ctx.launch = L, log2l, starts is not None, settings["bwd_warps"], settings["bwd_stages"], prec
         return out, final
 
     @staticmethod
     def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         r, log_decay, k, v, a, b, s0, flags, ckpt = ctx.saved_tensors
-        L, log2l, resets, num_warps, num_stages = ctx.launch
+        L, log2l, resets, num_warps, num_stages, prec = ctx.launch
         B, T, H, N = r.shape
         dout = dout.contiguous()
         dfinal = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dfinal is None
@@ -290,7 +336,7 @@ class _ChunkWKV7(torch.autograd.Function):
         grads = [torch.empty_like(x) for x in (r, log_decay, k, v, a, b)]
         ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, ckpt, dout, dfinal, *grads, ds0,
-                       T, H, N, L, log2l, resets, _precision(r.dtype), num_warps=num_warps, num_stages=num_stages)
+                       T, H, N, L, log2l, resets, prec, num_warps=num_warps, num_stages=num_stages)
         return (*grads, ds0, None)
 
 
