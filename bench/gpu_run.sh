@@ -35,7 +35,8 @@
 #              (default "0 12"), the memory rows (b) of PRECISIONS (e.g. int8,bf16,nf4; none by default), then the
 #              GPU tests of the graphed step and of the chunked kernels as far as SECONDS allow
 #       dots   one GPU: our chunked kernels' products with bfloat16 operands (bf16_dots) and chunk-start states in
-#              bfloat16 (bf16_states) against TF32 / float32: the check with the shipped defaults, each setting of
+#              bfloat16 (bf16_states) against TF32 / float32, 4 against 8 warps for the backward (calls AQ, AR,
+#              whose defaults then were 8 warps): the check with the shipped defaults, each setting of
 #              TRITON_CONFIGS alone, then 1.5B (a) with graphs + compile + selective + 15 FFNs kept for each of DOTS,
 #              (a) with each of FFNS (default 18) FFNs kept, (c) packed, the memory rows (b) int8/bf16/nf4, then the
 #              chunked kernels' GPU tests
@@ -326,9 +327,9 @@ case "$PLAN" in
     ;;
   dots)  # one GPU: the chunked kernels' products and stored states in bfloat16 against TF32 / float32, alone and
           # in the step, then the memory rows (b)
-    TRITON_CONFIGS="${TRITON_CONFIGS:-bf16_dots=0,bf16_states=0;bf16_states=0;bf16_states=1;bwd_warps=4}" \
+    TRITON_CONFIGS="${TRITON_CONFIGS:-bf16_dots=0,bf16_states=0,bwd_warps=8;bf16_states=0,bwd_warps=8;bwd_warps=8;bwd_warps=4}" \
       wkv_check 0 150 bf16 chunk
-    read -r -a settings <<< "${DOTS:-bf16_states=1 bf16_states=0 bwd_warps=4}"
+    read -r -a settings <<< "${DOTS:-bwd_warps=4 bwd_warps=8 bf16_states=0,bwd_warps=8}"
     for cfg in "${settings[@]}"; do
       stamp "(a) with STATETUNE_WKV_CHUNK=$cfg"
       STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 240)) --models 1.5b --workloads a --graphs on --compile on \
