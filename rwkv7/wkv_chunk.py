@@ -64,18 +64,19 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # fwd_stages / bwd_stages: Triton's software pipelining of each kernel's chunk loop (num_stages: its loads of the
 # next chunks go through shared memory ahead of use; 1 turns it off). 3, Triton's default, is the fastest in the
 # graphed 1.5B step: bwd_stages 1 / 2 were 2.5 / 1.1 % slower (call AK, tenth session).
-# bf16_dots (bf16 inputs only; float32 inputs always multiply in IEEE float32): the products' operands rounded to
+# bf16_dots (bf16 inputs only; float32 inputs multiply in IEEE float32, float16 ones in TF32): operands rounded to
 # bfloat16 instead of TF32. The kernels are bound by moving tiles into the tensor cores' layout (through shared
 # memory) and by register spills, not by the products' arithmetic: bfloat16 halves both (backward's chunk loop: 2773
 # -> 1764 instructions, 356 -> 44 bytes of spills; bench/kernel_regs.py). Errors against the float32 reference stay
 # at the level of bf16 rounding of the inputs and outputs (gpu_check_wkv, bf16: <= 6.6e-3 relative, against <= 5.3e-3
 # with TF32; the final state 1.8e-3 instead of 5e-4); a 1.5B model's loss after 30 steps moved by +0.04 %.
-# bf16_states: the chunk-start states kept for backward in bfloat16 (half the bytes; backward's products round
-# them to bfloat16 anyway under bf16_dots). H200, the graphed 1.5B (a) step (eleventh session, calls AQ, AR): WKV
-# forward 8.9 -> 8.0 -> 6.7 ms, backward 16.2 -> 11.0 -> 10.6 ms; with both, backward on 4 warps (two programs per SM,
-# all 256 resident at once) instead of 8: 8.8 ms; step 78.1 -> 67.5 ms. Splitting the backward into a sequential
-# kernel for the chain of state gradients and a parallel one per chunk for the input gradients was slower
-# (1.69 against 1.52 ms alone, 0.17 + 0.57 ms in the step against 0.74: call AO): the per-chunk work is the cost.
+# bf16_states (bf16 inputs only): the chunk-start states kept for backward in bfloat16 (half the bytes; backward's
+# products round them to bfloat16 anyway under bf16_dots). H200, the graphed 1.5B (a) step (eleventh session, calls
+# AQ, AR): WKV forward 8.9 -> 8.0 -> 6.7 ms, backward 16.2 -> 11.0 -> 10.6 ms; with both, backward on 4 warps (two
+# programs per SM, all 256 resident at once) instead of 8: 8.8 ms; step 78.1 -> 67.5 ms. Splitting the backward into
+# a sequential kernel for the chain of state gradients and a parallel one per chunk for the input gradients was
+# slower (1.69 against 1.52 ms alone, 0.17 + 0.57 ms in the step against 0.74: call AO): the per-chunk work is the
+# cost.
 SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 4, "fwd_stages": 3, "bwd_stages": 3, "bf16_dots": 1,
             "bf16_states": 1}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
@@ -291,11 +292,12 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
 
 
 def _precision(dtype: torch.dtype, bf16_dots: int) -> str:
-    """The products' precision (`_dot`): IEEE float32 for float32 inputs; for bf16 inputs bfloat16 operands
-    (`bf16_dots`), emulated under TRITON_INTERPRET=1, or TF32."""
+    """The products' precision (`_dot`): IEEE float32 for float32 inputs; for bfloat16 inputs bfloat16 operands
+    (`bf16_dots`; emulated under TRITON_INTERPRET=1), else TF32 (float16 inputs: bfloat16 would round them more
+    than their own precision)."""
     if dtype == torch.float32:
         return "ieee"
-    if not bf16_dots:
+    if dtype != torch.bfloat16 or not bf16_dots:
         return "tf32"
     return "bf16-emulated" if os.environ.get("TRITON_INTERPRET") == "1" else "bf16"
 
@@ -314,8 +316,9 @@ class _ChunkWKV7(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
         prec = _precision(r.dtype, settings["bf16_dots"])
+        bf16_states = settings["bf16_states"] and r.dtype == torch.bfloat16
         ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device,
-                           dtype=torch.bfloat16 if settings["bf16_states"] and prec != "ieee" else torch.float32)
+                           dtype=torch.bfloat16 if bf16_states else torch.float32)
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
         _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,

@@ -228,3 +228,19 @@ def test_launch_settings_come_from_the_environment_and_bad_ones_are_refused(monk
         monkeypatch.setenv("STATETUNE_WKV_CHUNK", bad)
         with pytest.raises(ValueError, match=message):
             wkv_chunk.launch_settings()
+
+
+def test_the_products_precision_follows_the_input_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IEEE float32 for float32 inputs; bfloat16 operands only for bfloat16 inputs (emulated in the interpreter);
+    float16 inputs, which bfloat16 would round more than their own precision, and bf16_dots=0 keep TF32."""
+    import torch
+
+    from rwkv7.wkv_chunk import _precision
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _precision(torch.float32, 1) == "ieee"
+    assert _precision(torch.bfloat16, 1) == "bf16"
+    assert _precision(torch.bfloat16, 0) == "tf32"
+    assert _precision(torch.float16, 1) == "tf32"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _precision(torch.bfloat16, 1) == "bf16-emulated"
