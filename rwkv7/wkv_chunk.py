@@ -76,9 +76,10 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # programs per SM, all 256 resident at once) instead of 8: 8.8 ms; step 78.1 -> 67.5 ms. Splitting the backward into
 # a sequential kernel for the chain of state gradients and a parallel one per chunk for the input gradients was
 # slower (1.69 against 1.52 ms alone, 0.17 + 0.57 ms in the step against 0.74: call AO): the per-chunk work is the
-# cost.
-SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 4, "fwd_stages": 3, "bwd_stages": 3, "bf16_dots": 1,
-            "bf16_states": 1}
+# cost. bwd_warps_restarts: the backward of rows with restarts (packed rows) stays on 8 warps, where its larger body
+# spills less (460 against 1576 bytes): 14.7 against 15.2 ms per 1.5B (c) step (calls AR, AS).
+SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 4, "bwd_warps_restarts": 8, "fwd_stages": 3, "bwd_stages": 3,
+            "bf16_dots": 1, "bf16_states": 1}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 
 
@@ -325,7 +326,8 @@ class _ChunkWKV7(torch.autograd.Function):
                        prec, num_warps=settings["fwd_warps"], num_stages=settings["fwd_stages"])
         if save:
             ctx.save_for_backward(*inputs, s0, flags, ckpt)
-            ctx.launch = L, log2l, starts is not None, settings["bwd_warps"], settings["bwd_stages"], prec
+            bwd_warps = settings["bwd_warps_restarts" if starts is not None else "bwd_warps"]
+            ctx.launch = L, log2l, starts is not None, bwd_warps, settings["bwd_stages"], prec
         return out, final
 
     @staticmethod
