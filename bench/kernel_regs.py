@@ -5,7 +5,8 @@ architecture (default sm_90a, the H200), and the ptxas that ships with Triton re
 stores/loads and shared memory for each variant (rows with and without restarts, warps per program, stages
 of Triton's loop pipelining):
 
-    .venv/bin/python bench/kernel_regs.py [--arch 90] [--warps 4,8] [--stages 3] [--dtype bf16] [--T 512] [--H 32]
+    .venv/bin/python bench/kernel_regs.py [--arch 90] [--warps 4,8] [--stages 3] [--dtype bf16] [--prec tf32|bf16]
+        [--T 512] [--H 32]
 
 A kernel at 255 registers that spills keeps part of its tiles in local memory. Fewer spills did not make the
 kernels faster inside a graphed training step on the H200 (BENCHMARKS.md, sixth session): read this table as a
@@ -95,7 +96,7 @@ def disassemble(cubin: bytes) -> str:
 
 
 def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, T: int, H: int,
-            arch: int, stages: int = 3, prec: str = "tf32") -> dict[str, int]:
+            arch: int, stages: int = 3, prec: str = "bf16") -> dict[str, int]:
     """Compile one variant for `arch` and report its registers, spills and shared memory (bytes), and with
     nvdisasm the chunk loop's counts (`loop_report`)."""
     L = wkv_chunk.SETTINGS["chunk"]
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--H", type=int, default=32, help="heads")
     parser.add_argument("--kernels", default="fwd,bwd", help="comma list of fwd, bwd")
     parser.add_argument("--stages", default="3", help="comma list of num_stages (Triton's pipelining; 1: none)")
-    parser.add_argument("--prec", default="tf32", choices=("tf32", "bf16"),
+    parser.add_argument("--prec", default="bf16", choices=("tf32", "bf16"),
                         help="the products' precision for bf16 inputs (rwkv7.wkv_chunk._dot; bf16: bf16_dots=1)")
     args = parser.parse_args(argv)
     loop = NVDISASM.is_file()
