@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -36,6 +37,7 @@ from rwkv7 import wkv_chunk  # noqa: E402
 FLOAT32_POINTERS = {"w_ptr", "dw_ptr", "s0_ptr", "ckpt_ptr", "final_ptr", "dfinal_ptr", "ds0_ptr"}
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 NVDISASM = PTXAS.with_name("nvdisasm")
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def signature(kernel: triton.JITFunction, dtype: str) -> dict[str, str]:
@@ -103,8 +105,8 @@ def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, 
     constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts, "SAVE": True,
                  "PREC": "ieee" if dtype == "fp32" else prec}
     types = signature(kernel, dtype)
-    if prec == "bf16" and dtype != "fp32" and wkv_chunk.SETTINGS["bf16_states"]:
-        types["ckpt_ptr"] = "*bf16"  # the chunk-start states in bfloat16 (rwkv7.wkv_chunk: bf16_states)
+    if wkv_chunk.states_dtype(TORCH_DTYPES[dtype], wkv_chunk.SETTINGS["bf16_states"]) == torch.bfloat16:
+        types["ckpt_ptr"] = "*bf16"  # the chunk-start states as the kernel keeps them
     source = ASTSource(fn=kernel, signature=types, constexprs={k: v for k, v in constants.items() if k in types})
     options = {"num_warps": warps, "num_stages": stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="fwd,bwd", help="comma list of fwd, bwd")
     parser.add_argument("--stages", default="3", help="comma list of num_stages (Triton's pipelining; 1: none)")
     parser.add_argument("--prec", default="bf16", choices=("tf32", "bf16"),
-                        help="the products' precision for bf16 inputs (rwkv7.wkv_chunk._dot; bf16: bf16_dots=1)")
+                        help="the products' precision for bf16 inputs (rwkv7.wkv_chunk._dot; tf32: bf16_dots=0)")
     args = parser.parse_args(argv)
     loop = NVDISASM.is_file()
     print("| kernel | restarts | warps | stages | registers | spill stores | spill loads | shared memory |"

@@ -66,10 +66,11 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # graphed 1.5B step: bwd_stages 1 / 2 were 2.5 / 1.1 % slower (call AK, tenth session).
 # bf16_dots (bf16 inputs only; float32 inputs multiply in IEEE float32, float16 ones in TF32): operands rounded to
 # bfloat16 instead of TF32. The kernels are bound by moving tiles into the tensor cores' layout (through shared
-# memory) and by register spills, not by the products' arithmetic: bfloat16 halves both (backward's chunk loop: 2773
-# -> 1764 instructions, 356 -> 44 bytes of spills; bench/kernel_regs.py). Errors against the float32 reference stay
-# at the level of bf16 rounding of the inputs and outputs (gpu_check_wkv, bf16: <= 6.6e-3 relative, against <= 5.3e-3
-# with TF32; the final state 1.8e-3 instead of 5e-4); a 1.5B model's loss after 30 steps moved by +0.04 %.
+# memory) and by register spills, not by the products' arithmetic: bfloat16 halves both (backward's chunk loop with
+# float32 states: 2773 -> 1764 instructions, 356 -> 44 bytes of spills; bench/kernel_regs.py). Errors against the
+# float32 reference stay at the level of bf16 rounding of the inputs and outputs (gpu_check_wkv, bf16: <= 6.6e-3
+# relative, against <= 5.3e-3 with TF32; the final state 1.8e-3 instead of 5e-4); a 1.5B model's loss after 30 steps
+# moved by +0.04 %.
 # bf16_states (bf16 inputs only): the chunk-start states kept for backward in bfloat16 (half the bytes; backward's
 # products round them to bfloat16 anyway under bf16_dots). H200, the graphed 1.5B (a) step (eleventh session, calls
 # AQ, AR): WKV forward 8.9 -> 8.0 -> 6.7 ms, backward 16.2 -> 11.0 -> 10.6 ms; with both, backward on 4 warps (two
@@ -303,6 +304,12 @@ def _precision(dtype: torch.dtype, bf16_dots: int) -> str:
     return "bf16-emulated" if os.environ.get("TRITON_INTERPRET") == "1" else "bf16"
 
 
+def states_dtype(dtype: torch.dtype, bf16_states: int) -> torch.dtype:
+    """The dtype of the chunk-start states kept for backward: bfloat16 for bfloat16 inputs (`bf16_states`), else
+    float32."""
+    return torch.bfloat16 if bf16_states and dtype == torch.bfloat16 else torch.float32
+
+
 class _ChunkWKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,  # type: ignore[override]
@@ -317,9 +324,8 @@ class _ChunkWKV7(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
         prec = _precision(r.dtype, settings["bf16_dots"])
-        bf16_states = settings["bf16_states"] and r.dtype == torch.bfloat16
         ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device,
-                           dtype=torch.bfloat16 if bf16_states else torch.float32)
+                           dtype=states_dtype(r.dtype, settings["bf16_states"]))
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
         _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
