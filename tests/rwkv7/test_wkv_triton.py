@@ -126,7 +126,7 @@ def test_chunked_kernels_match_the_reference_in_outputs_final_state_and_every_gr
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("settings", ["chunk=16", "chunk=32"])
+@pytest.mark.parametrize("settings", ["chunk=16", "chunk=32", "seq_chunks=1", "seq_chunks=1,chunk=32"])
 def test_chunked_kernels_restart_mid_row_like_the_reference(settings: str) -> None:
     """Restarts inside chunks (7 and 8: a one-token sequence; 21), on chunk starts (16, 32), at a row's first
     position and at its last, in rows with one and with several restarts per chunk."""
@@ -244,3 +244,20 @@ def test_the_products_precision_follows_the_input_dtype(monkeypatch: pytest.Monk
     assert _precision(torch.float16, 1) == "tf32"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _precision(torch.bfloat16, 1) == "bf16-emulated"
+
+
+def test_chunk_table_starts_chunks_at_every_sequence_start() -> None:
+    """seq_chunks: chunks of L tokens from each sequence's start (a row's first position starts one), the last one
+    of a sequence shorter; rows padded with T; too many sequences for the kept states fail loudly."""
+    import torch
+
+    from rwkv7.wkv_chunk import chunk_table
+
+    flags = torch.zeros(2, 64, dtype=torch.int8)
+    flags[0, [7, 8, 21, 40]] = 1
+    flags[1, 0] = 1
+    table = chunk_table(flags, 16, 8)
+    assert table.tolist() == [[7, 0, 7, 8, 21, 37, 40, 56, 64, 64], [4, 0, 16, 32, 48, 64, 64, 64, 64, 64]]
+    flags[0, 1:12] = 1  # 15 chunks in row 0
+    with pytest.raises(RuntimeError, match="more than 8 chunks in a row of 64 tokens"):
+        chunk_table(flags, 16, 8)
