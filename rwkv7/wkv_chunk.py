@@ -148,11 +148,12 @@ def _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T: tl.constexpr, H: tl.c
 
 
 @triton.jit
-def _only_valid(valid, r, lw, k, v, a, b):
-    """Zero every row that is not `valid`: steps that change nothing (decay 1, no key, value or output)."""
+def _only_valid(valid, lw, k, v, b):
+    """Zero what rows that are not `valid` would add to the state: they become steps that change nothing (decay 1,
+    no key, value or b). Their r and a need no zeros: what they reach is their own rows' outputs (never stored)
+    and u, which enters the state only through b (and, in backward, dy stays zero there once dO is zero)."""
     keep = valid[:, None]
-    return (tl.where(keep, r, 0.0), tl.where(keep, lw, 0.0), tl.where(keep, k, 0.0), tl.where(keep, v, 0.0),
-            tl.where(keep, a, 0.0), tl.where(keep, b, 0.0))
+    return tl.where(keep, lw, 0.0), tl.where(keep, k, 0.0), tl.where(keep, v, 0.0), tl.where(keep, b, 0.0)
 
 
 @triton.jit
@@ -227,7 +228,7 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         offs, valid, _start, end = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX, ALIGNED)
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         if ALIGNED:
-            r, lw, k, v, a, b = _only_valid(valid, r, lw, k, v, a, b)
+            lw, k, v, b = _only_valid(valid, lw, k, v, b)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
@@ -276,7 +277,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         do = tl.load(dout_ptr + offs).to(tl.float32)
         if ALIGNED:
-            r, lw, k, v, a, b = _only_valid(valid, r, lw, k, v, a, b)
+            lw, k, v, b = _only_valid(valid, lw, k, v, b)
             do = tl.where(valid[:, None], do, 0.0)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, _m_ab, m_ak, m_rb, m_rk,
