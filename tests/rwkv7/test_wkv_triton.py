@@ -198,8 +198,9 @@ def test_the_interpreters_bf16_products_round_like_torch() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype, limit", [("float32", 1e-4), ("bfloat16", 1.5e-2)])
-def test_compiled_chunked_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float) -> None:
-    errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda", backend="chunk",
+@pytest.mark.parametrize("settings", ["", "seq_chunks=1"])
+def test_compiled_chunked_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float, settings: str) -> None:
+    errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda", backend="chunk", settings=settings,
                   restarts=[[0, 50, 64, 130], [0], [0, 199]])
     assert all(e < limit for e in errs.values()), errs
 
