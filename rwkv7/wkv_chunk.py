@@ -45,6 +45,7 @@ training step inside a CUDA graph (fla: ~35 ms); BENCHMARKS.md, fifth and eleven
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -131,8 +132,9 @@ def _segments(starts_ptr, row_base, rows, RESETS: tl.constexpr):
 def _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T: tl.constexpr, H: tl.constexpr, N: tl.constexpr,
               L: tl.constexpr, NCMAX: tl.constexpr, ALIGNED: tl.constexpr):
     """Where chunk `ci` of row `b_idx` lies: `(offsets of its [L, N] tile for head h_idx, its valid rows, its first
-    position, the first position after it)`. Every L tokens; or, ALIGNED, from the row's table (`chunk_table`): L tokens from each
-    sequence's start, a sequence's last chunk shorter (its other rows clamped into the row and `valid` False)."""
+    position, the first position after it)`. Every L tokens; or, ALIGNED, from the row's table (`chunk_table`): L
+    tokens from each sequence's start, a sequence's last chunk shorter (its other rows clamped into the row and
+    `valid` False)."""
     if ALIGNED:
         entry = chunks_ptr + b_idx * (NCMAX + 2) + 1 + ci
         p = tl.load(entry)
@@ -248,8 +250,9 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         _store(out_ptr, offs, o, valid, ALIGNED)
         S = (enter * tl.exp(c_end)[None, :] + _dot(tl.trans(u), b * tail, PREC)
              + _dot(tl.trans(v), k * tail, PREC))
-        if ALIGNED:  # noqa: SIM102 - a compile-time branch around a run-time one
-            if (tl.load(starts_ptr + b_idx * T + tl.minimum(end, T - 1)) != 0) & (end < T):  # the next one restarts
+        if ALIGNED:  # a compile-time branch around a run-time one
+            next_flag = tl.load(starts_ptr + b_idx * T + tl.minimum(end, T - 1))
+            if (next_flag != 0) & (end < T):  # the next chunk starts a sequence
                 S = tl.load(s0_ptr + pid * N * N + tile)
     tl.store(final_ptr + pid * N * N + tile, S)
 
@@ -384,6 +387,27 @@ def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
     return torch.cat([count[:, None], ordered[:, :width]], dim=1).to(torch.int32).contiguous()
 
 
+_TABLE: dict[str, object] = {}  # the last chunk table, for the next WKV call on the same flags
+
+
+def step_chunk_table(starts: Tensor, flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
+    """`chunk_table(flags, …)`, built once for all the WKV calls that get the same `starts` tensor (every layer of a
+    step, and the recompute in backward) instead of once per call.
+
+    The table is reused only for that very tensor (held by a weak reference, so a new batch's tensor at the
+    same address is not mistaken for it), unchanged since (its version counter), with the same chunk settings,
+    and on the same side of a CUDA graph capture: a graph must compute its table itself, never read one built
+    outside it."""
+    capturing = starts.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (starts._version, chunk, max_chunks, capturing)
+    owner = _TABLE.get("starts")
+    if owner is not None and owner() is starts and _TABLE.get("key") == key:
+        return _TABLE["table"]  # type: ignore[return-value]
+    table = chunk_table(flags, chunk, max_chunks)
+    _TABLE.update(starts=weakref.ref(starts), key=key, table=table)
+    return table
+
+
 class _ChunkWKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,  # type: ignore[override]
@@ -400,7 +424,7 @@ class _ChunkWKV7(torch.autograd.Function):
         prec = _precision(r.dtype, settings["bf16_dots"])
         aligned = starts is not None and bool(settings["seq_chunks"])
         slots = T // L + T // SEQ_CHUNKS_MIN_LEN if aligned else T // L
-        chunks = chunk_table(flags, L, slots) if aligned else flags.new_empty(0, dtype=torch.int32)
+        chunks = step_chunk_table(starts, flags, L, slots) if aligned else flags.new_empty(0, dtype=torch.int32)
         resets = starts is not None and not aligned  # restarts inside chunks
         bf16_states = settings["bf16_states"] and r.dtype == torch.bfloat16
         ckpt = torch.empty((B, H, slots, N, N) if save else (0,), device=r.device,

@@ -262,3 +262,23 @@ def test_chunk_table_starts_chunks_at_every_sequence_start() -> None:
     flags[0, 1:12] = 1  # 15 chunks in row 0
     with pytest.raises(RuntimeError, match="more than 8 chunks in a row of 64 tokens"):
         chunk_table(flags, 16, 8)
+
+
+def test_a_steps_wkv_calls_share_one_chunk_table_until_the_flags_change() -> None:
+    """Every layer of a step gets the same `starts` tensor: one table for all; a changed tensor (in place, as a
+    CUDA graph's static input is) or another tensor gets its own."""
+    import torch
+
+    from rwkv7.wkv_chunk import step_chunk_table
+
+    starts = torch.zeros(2, 64, dtype=torch.bool)
+    starts[0, 20] = True
+    first = step_chunk_table(starts, starts.to(torch.int8), 16, 12)
+    assert step_chunk_table(starts, starts.to(torch.int8), 16, 12) is first
+    starts[1, 30] = True  # in place: the version counter moves
+    second = step_chunk_table(starts, starts.to(torch.int8), 16, 12)
+    assert second is not first and second[1, 0].item() == 5  # chunks at 0, 16, 30, 46, 62
+    other = starts.clone()
+    assert step_chunk_table(other, other.to(torch.int8), 16, 12) is not second
+    flags = other.to(torch.int8)
+    assert step_chunk_table(other, flags, 32, 12) is not step_chunk_table(other, flags, 16, 12)
