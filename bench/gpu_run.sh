@@ -42,7 +42,8 @@
 #              chunked kernels' GPU tests
 #       seqchunks one GPU: packed rows with chunks that start at every sequence start (seq_chunks=1) against
 #              restarts inside chunks: alone (TRITON_CONFIGS), the chunked kernels' GPU tests (both ways), then
-#              1.5B (c) both ways and (a), graphs + compile + selective + 15 FFNs kept
+#              1.5B (c) both ways (seq_chunks with a 4- and an 8-warp backward) and (a), graphs + compile +
+#              selective + 15 FFNs kept
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -348,9 +349,9 @@ case "$PLAN" in
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
   seqchunks)  # one GPU: packed rows with chunks from every sequence start, alone, tested and in the step
-    TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=1}" wkv_check 0 120 bf16 chunk
+    TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=1;seq_chunks=1,bwd_warps=8}" wkv_check 0 120 bf16 chunk
     gpu_tests 120 0 tests/rwkv7/test_wkv_triton.py -k chunk
-    for cfg in seq_chunks=1 seq_chunks=0; do
+    for cfg in seq_chunks=1 seq_chunks=1,bwd_warps=8 seq_chunks=0; do
       stamp "(c) with STATETUNE_WKV_CHUNK=$cfg"
       STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 90)) --models 1.5b --workloads c --pack on --graphs on \
         --compile on --grad-cp-policy selective --grad-cp-keep-ffn 15
