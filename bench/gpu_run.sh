@@ -40,6 +40,10 @@
 #              TRITON_CONFIGS alone, then 1.5B (a) with graphs + compile + selective + 15 FFNs kept for each of DOTS,
 #              (a) with each of FFNS (default 18) FFNs kept, (c) packed, the memory rows (b) int8/bf16/nf4, then the
 #              chunked kernels' GPU tests
+#       seqchunks one GPU: packed rows with chunks that start at every sequence start (seq_chunks=1) against
+#              restarts inside chunks: alone (TRITON_CONFIGS), the chunked kernels' GPU tests (both ways), then
+#              1.5B (c) both ways (seq_chunks with a 4- and an 8-warp backward) and (a), graphs + compile +
+#              selective + 15 FFNs kept
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -344,6 +348,17 @@ case "$PLAN" in
     run_on 0 $(($(left) - 50)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
+  seqchunks)  # one GPU: packed rows with chunks from every sequence start, alone, tested and in the step
+    TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=1;seq_chunks=1,bwd_warps=8}" wkv_check 0 120 bf16 chunk
+    gpu_tests 120 0 tests/rwkv7/test_wkv_triton.py -k chunk
+    for cfg in ${SEQ_CONFIGS:-seq_chunks=1,bwd_warps=8 seq_chunks=1 seq_chunks=0}; do
+      stamp "(c) with STATETUNE_WKV_CHUNK=$cfg"
+      STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 90)) --models 1.5b --workloads c --pack on --graphs on \
+        --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
+    done
+    run_on 0 $(($(left) - 10)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+      --grad-cp-keep-ffn "${KEEP_FFN:-18}"
+    ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
     ;;
@@ -360,7 +375,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | keepffn | dots | memory |"\
+          "chunk | memsnap | stages | keepffn | dots | seqchunks | memory |"\
           "sizes | wkv)"; exit 2 ;;
 esac
 

@@ -49,6 +49,8 @@ def signature(kernel: triton.JITFunction, dtype: str) -> dict[str, str]:
             types[name] = "constexpr"
         elif name == "starts_ptr":
             types[name] = "*i8"
+        elif name == "chunks_ptr":
+            types[name] = "*i32"
         else:
             types[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
     return types
@@ -97,13 +99,15 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([str(NVDISASM), str(path)], capture_output=True, text=True, check=True).stdout
 
 
-def measure(kernel: triton.JITFunction, restarts: bool, warps: int, dtype: str, T: int, H: int,
+def measure(kernel: triton.JITFunction, restarts: bool | str, warps: int, dtype: str, T: int, H: int,
             arch: int, stages: int = 3, prec: str = "bf16") -> dict[str, int]:
     """Compile one variant for `arch` and report its registers, spills and shared memory (bytes), and with
     nvdisasm the chunk loop's counts (`loop_report`)."""
     L = wkv_chunk.SETTINGS["chunk"]
-    constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts, "SAVE": True,
-                 "PREC": "ieee" if dtype == "fp32" else prec}
+    aligned = restarts == "aligned"  # restarts only at chunk starts (seq_chunks), else inside chunks (True) or none
+    constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts is True,
+                 "SAVE": True, "PREC": "ieee" if dtype == "fp32" else prec, "ALIGNED": aligned,
+                 "NCMAX": T // L + T // wkv_chunk.SEQ_CHUNKS_MIN_LEN if aligned else T // L}
     types = signature(kernel, dtype)
     if wkv_chunk.states_dtype(TORCH_DTYPES[dtype], wkv_chunk.SETTINGS["bf16_states"]) == torch.bfloat16:
         types["ckpt_ptr"] = "*bf16"  # the chunk-start states as the kernel keeps them
@@ -134,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
           + "\n|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if loop else ""), flush=True)
     for name in args.kernels.split(","):
         kernel = {"fwd": wkv_chunk._fwd, "bwd": wkv_chunk._bwd}[name]
-        for restarts in (False, True):
+        for restarts in (False, True, "aligned"):
             for warps, stages in itertools.product(map(int, args.warps.split(",")), map(int, args.stages.split(","))):
                 r = measure(kernel, restarts, warps, args.dtype, args.T, args.H, args.arch, stages, args.prec)
-                cells = [name, "yes" if restarts else "no", warps, stages, r["registers"], f"{r['spill_stores']} B",
-                         f"{r['spill_loads']} B", f"{r['shared'] // 1024} KB"]
+                cells = [name, {False: "no", True: "yes"}.get(restarts, restarts), warps, stages, r["registers"],
+                         f"{r['spill_stores']} B", f"{r['spill_loads']} B", f"{r['shared'] // 1024} KB"]
                 if loop:
                     cells += [r["loop_instructions"], r["loop_local_loads"], r["loop_local_stores"], r["loop_mma"]]
                 print("| " + " | ".join(map(str, cells)) + " |", flush=True)

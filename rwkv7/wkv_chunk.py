@@ -45,6 +45,7 @@ training step inside a CUDA graph (fla: ~35 ms); BENCHMARKS.md, fifth and eleven
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -80,8 +81,14 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # cost. bwd_warps_restarts: the backward of rows with restarts (packed rows) stays on 8 warps, where its larger body
 # spills less (460 against 1576 bytes): 14.7 against 15.2 ms per 1.5B (c) step (calls AR, AS).
 SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 4, "bwd_warps_restarts": 8, "fwd_stages": 3, "bwd_stages": 3,
-            "bf16_dots": 1, "bf16_states": 1}
+            "bf16_dots": 1, "bf16_states": 1, "seq_chunks": 0}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
+# Triton's interpreter (triton 3.6 with numpy 2) cannot loop a number of times that a kernel loaded: under it the
+# kernels walk every row's whole chunk table (`chunk_table` pads rows with empty chunks, which change nothing).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# seq_chunks keeps T / chunk + T / SEQ_CHUNKS_MIN_LEN chunk-start states per row and head: rows whose sequences
+# average fewer tokens fail a device-side check (`chunk_table`).
+SEQ_CHUNKS_MIN_LEN = 8
 
 
 def launch_settings() -> dict[str, int]:
@@ -120,6 +127,45 @@ def _segments(starts_ptr, row_base, rows, RESETS: tl.constexpr):
     if RESETS:
         return tl.cumsum(tl.load(starts_ptr + row_base + rows).to(tl.int32), axis=0)
     return rows * 0
+
+
+@triton.jit
+def _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T: tl.constexpr, H: tl.constexpr, N: tl.constexpr,
+              L: tl.constexpr, NCMAX: tl.constexpr, ALIGNED: tl.constexpr):
+    """Where chunk `ci` of row `b_idx` lies: `(offsets of its [L, N] tile for head h_idx, its valid rows, its first
+    position, the first position after it)`. Every L tokens; or, ALIGNED, from the row's table (`chunk_table`): L
+    tokens from each sequence's start, a sequence's last chunk shorter (its other rows clamped into the row and
+    `valid` False)."""
+    if ALIGNED:
+        entry = chunks_ptr + b_idx * (NCMAX + 2) + 1 + ci
+        p = tl.load(entry)
+        end = tl.load(entry + 1)
+        valid = rows < end - p
+        offs = (b_idx * T + tl.minimum(p + rows, T - 1))[:, None] * (H * N) + h_idx * N + cols[None, :]
+    else:
+        p = ci * L
+        end = p + L
+        valid = rows < L
+        offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+    return offs, valid, p, end
+
+
+@triton.jit
+def _only_valid(valid, lw, k, v, b):
+    """Zero what rows that are not `valid` would add to the state: they become steps that change nothing (decay 1,
+    no key, value or b). Their r and a need no zeros: what they reach is their own rows' outputs (never stored)
+    and u, which enters the state only through b (and, in backward, dy stays zero there once dO is zero)."""
+    keep = valid[:, None]
+    return tl.where(keep, lw, 0.0), tl.where(keep, k, 0.0), tl.where(keep, v, 0.0), tl.where(keep, b, 0.0)
+
+
+@triton.jit
+def _store(ptr, offs, value, valid, ALIGNED: tl.constexpr):
+    """Store a [L, N] tile in ptr's dtype: only its valid rows when ALIGNED."""
+    if ALIGNED:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=valid[:, None])
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -166,9 +212,9 @@ def _chunk_terms(r, lw, k, a, b, seg, rows, L: tl.constexpr, LOG2L: tl.constexpr
 
 
 @triton.jit
-def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, ckpt_ptr, final_ptr,
+def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_ptr, out_ptr, ckpt_ptr, final_ptr,
          T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
-         RESETS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+         RESETS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, NCMAX: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)  # = batch row * H + head
     b_idx = pid // H
     h_idx = pid % H
@@ -176,12 +222,16 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
     cols = tl.arange(0, N)
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
+    NSLOT: tl.constexpr = NCMAX if ALIGNED else NC  # chunk-start states kept per row and head
+    n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)) if ALIGNED else NC
     S = tl.load(s0_ptr + pid * N * N + tile)
-    for ci in range(NC):
+    for ci in range(NSLOT if INTERPRETED else n_chunks):
         if SAVE:
-            tl.store(ckpt_ptr + (pid * NC + ci) * N * N + tile, S.to(ckpt_ptr.dtype.element_ty))
-        offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+            tl.store(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile, S.to(ckpt_ptr.dtype.element_ty))
+        offs, valid, _start, end = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX, ALIGNED)
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
+        if ALIGNED:
+            lw, k, v, b = _only_valid(valid, lw, k, v, b)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
@@ -198,17 +248,21 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, out_ptr, 
         y += _dot(m_ak, v, PREC)
         u = _dot(inv, y, PREC)
         o += _dot(m_rb, u, PREC) + _dot(m_rk, v, PREC)
-        tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty))
+        _store(out_ptr, offs, o, valid, ALIGNED)
         S = (enter * tl.exp(c_end)[None, :] + _dot(tl.trans(u), b * tail, PREC)
              + _dot(tl.trans(v), k * tail, PREC))
+        if ALIGNED:  # a compile-time branch around a run-time one
+            next_flag = tl.load(starts_ptr + b_idx * T + tl.minimum(end, T - 1))
+            if (next_flag != 0) & (end < T):  # the next chunk starts a sequence
+                S = tl.load(s0_ptr + pid * N * N + tile)
     tl.store(final_ptr + pid * N * N + tile, S)
 
 
 @triton.jit
-def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr, dout_ptr, dfinal_ptr,
+def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_ptr, ckpt_ptr, dout_ptr, dfinal_ptr,
          dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
          T: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
-         RESETS: tl.constexpr, PREC: tl.constexpr):
+         RESETS: tl.constexpr, PREC: tl.constexpr, NCMAX: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     b_idx = pid // H
     h_idx = pid % H
@@ -216,14 +270,19 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
     cols = tl.arange(0, N)
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
+    NSLOT: tl.constexpr = NCMAX if ALIGNED else NC
+    n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)) if ALIGNED else NC
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
     dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
-    for i in range(NC):
-        ci = NC - 1 - i
-        S = tl.load(ckpt_ptr + (pid * NC + ci) * N * N + tile).to(tl.float32)
-        offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+    for i in range(NSLOT if INTERPRETED else n_chunks):
+        ci = (NSLOT if INTERPRETED else n_chunks) - 1 - i
+        S = tl.load(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile).to(tl.float32)
+        offs, valid, start, _end = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX, ALIGNED)
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         do = tl.load(dout_ptr + offs).to(tl.float32)
+        if ALIGNED:
+            lw, k, v, b = _only_valid(valid, lw, k, v, b)
+            do = tl.where(valid[:, None], do, 0.0)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
@@ -283,12 +342,16 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, ckpt_ptr,
               + tl.where((rows == L - 1)[:, None], dc_end[None, :], 0.0))
         dlw = (tl.dot(tl.trans(incl), dc, input_precision="ieee")
                + tl.dot(tl.trans(strict), dap * ap, input_precision="ieee"))
-        tl.store(dr_ptr + offs, (drp * tl.exp(c)).to(dr_ptr.dtype.element_ty))
-        tl.store(dw_ptr + offs, dlw.to(dw_ptr.dtype.element_ty))
-        tl.store(dk_ptr + offs, (dkh * grow + dkbar * tail).to(dk_ptr.dtype.element_ty))
-        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
-        tl.store(da_ptr + offs, (dap * tl.exp(cex)).to(da_ptr.dtype.element_ty))
-        tl.store(db_ptr + offs, (dbh * grow + dbbar * tail).to(db_ptr.dtype.element_ty))
+        _store(dr_ptr, offs, drp * tl.exp(c), valid, ALIGNED)
+        _store(dw_ptr, offs, dlw, valid, ALIGNED)
+        _store(dk_ptr, offs, dkh * grow + dkbar * tail, valid, ALIGNED)
+        _store(dv_ptr, offs, dv, valid, ALIGNED)
+        _store(da_ptr, offs, dap * tl.exp(cex), valid, ALIGNED)
+        _store(db_ptr, offs, dbh * grow + dbbar * tail, valid, ALIGNED)
+        if ALIGNED:  # a chunk that starts a sequence (after the row's first) started from the initial state
+            restart = (tl.load(starts_ptr + b_idx * T + tl.minimum(start, T - 1)) != 0) & (start > 0) & (start < T)
+            dfirst += tl.where(restart, dS_prev, 0.0)
+            dS_prev = tl.where(restart, 0.0, dS_prev)
         dS = dS_prev
     tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
 
@@ -310,6 +373,48 @@ def states_dtype(dtype: torch.dtype, bf16_states: int) -> torch.dtype:
     return torch.bfloat16 if bf16_states and dtype == torch.bfloat16 else torch.float32
 
 
+def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
+    """Each row's chunks when they start at its sequences' starts (`seq_chunks`): int32 `[B, max_chunks + 2]`, per
+    row the number of chunks n, then their first positions in order (every `chunk` tokens from each sequence's
+    start, where a row's first position starts one too), then T (the end of the last; padding).
+
+    Built on the device without waiting for it (CUDA graphs can capture it). A row needs at most T / chunk + its
+    number of sequences chunks; more than `max_chunks` fails a device-side check."""
+    B, T = flags.shape
+    pos = torch.arange(T, device=flags.device, dtype=torch.int32)
+    seq_start = torch.cummax(torch.where(flags != 0, pos, 0), dim=1).values
+    first = (pos - seq_start) % chunk == 0
+    ordered = torch.where(first, pos, T).sort(dim=1).values
+    width = max_chunks + 1
+    if ordered.shape[1] < width:
+        ordered = torch.cat([ordered, ordered.new_full((B, width - ordered.shape[1]), T)], dim=1)
+    count = first.sum(dim=1, dtype=torch.int32)
+    torch._assert_async(count.max() <= max_chunks, f"seq_chunks: more than {max_chunks} chunks in a row of {T} tokens "
+                        f"(sequences shorter than {SEQ_CHUNKS_MIN_LEN} tokens on average)")
+    return torch.cat([count[:, None], ordered[:, :width]], dim=1).to(torch.int32).contiguous()
+
+
+_TABLE: dict[str, object] = {}  # the last chunk table, for the next WKV call on the same flags
+
+
+def step_chunk_table(starts: Tensor, flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
+    """`chunk_table(flags, …)`, built once for all the WKV calls that get the same `starts` tensor (every layer of a
+    step, and the recompute in backward) instead of once per call.
+
+    The table is reused only for that very tensor (held by a weak reference, so a new batch's tensor at the
+    same address is not mistaken for it), unchanged since (its version counter), with the same chunk settings,
+    and on the same side of a CUDA graph capture: a graph must compute its table itself, never read one built
+    outside it."""
+    capturing = starts.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (starts._version, chunk, max_chunks, capturing)
+    owner = _TABLE.get("starts")
+    if owner is not None and owner() is starts and _TABLE.get("key") == key:
+        return _TABLE["table"]  # type: ignore[return-value]
+    table = chunk_table(flags, chunk, max_chunks)
+    _TABLE.update(starts=weakref.ref(starts), key=key, table=table)
+    return table
+
+
 class _ChunkWKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,  # type: ignore[override]
@@ -317,37 +422,41 @@ class _ChunkWKV7(torch.autograd.Function):
         B, T, H, N = r.shape
         settings = launch_settings()
         L = settings["chunk"]
-        if B * H * (T // L) * N * N >= 2**31:  # the kernels' offsets are 32-bit (the largest: chunk-start states)
+        aligned = starts is not None and bool(settings["seq_chunks"])
+        slots = T // L + T // SEQ_CHUNKS_MIN_LEN if aligned else T // L  # chunk-start states kept per row
+        if B * H * slots * N * N >= 2**31:  # the kernels' offsets are 32-bit (the largest: chunk-start states)
             raise ValueError(f"WKV input [B={B}, T={T}, H={H}] is too large for the chunked kernels' 32-bit offsets; "
                              "use fewer rows per micro-batch or a shorter ctx_len")
         inputs, s0, flags = kernel_inputs(r, log_decay, k, v, a, b, s0, starts)
         save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
         prec = _precision(r.dtype, settings["bf16_dots"])
-        ckpt = torch.empty((B, H, T // L, N, N) if save else (0,), device=r.device,
+        chunks = step_chunk_table(starts, flags, L, slots) if aligned else flags.new_empty(0, dtype=torch.int32)
+        resets = starts is not None and not aligned  # restarts inside chunks
+        ckpt = torch.empty((B, H, slots, N, N) if save else (0,), device=r.device,
                            dtype=states_dtype(r.dtype, settings["bf16_states"]))
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
-        _fwd[(B * H,)](*inputs, s0, flags, out, ckpt, final, T, H, N, L, log2l, starts is not None, save,
-                       prec, num_warps=settings["fwd_warps"], num_stages=settings["fwd_stages"])
+        _fwd[(B * H,)](*inputs, s0, flags, chunks, out, ckpt, final, T, H, N, L, log2l, resets, save, prec, slots,
+                       aligned, num_warps=settings["fwd_warps"], num_stages=settings["fwd_stages"])
         if save:
-            ctx.save_for_backward(*inputs, s0, flags, ckpt)
-            bwd_warps = settings["bwd_warps_restarts" if starts is not None else "bwd_warps"]
-            ctx.launch = L, log2l, starts is not None, bwd_warps, settings["bwd_stages"], prec
+            ctx.save_for_backward(*inputs, s0, flags, chunks, ckpt)
+            bwd_warps = settings["bwd_warps_restarts" if resets else "bwd_warps"]
+            ctx.launch = L, log2l, resets, bwd_warps, settings["bwd_stages"], prec, slots, aligned
         return out, final
 
     @staticmethod
     def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        r, log_decay, k, v, a, b, s0, flags, ckpt = ctx.saved_tensors
-        L, log2l, resets, num_warps, num_stages, prec = ctx.launch
+        r, log_decay, k, v, a, b, s0, flags, chunks, ckpt = ctx.saved_tensors
+        L, log2l, resets, num_warps, num_stages, prec, slots, aligned = ctx.launch
         B, T, H, N = r.shape
         dout = dout.contiguous()
         dfinal = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dfinal is None
                   else dfinal.float().contiguous())
         grads = [torch.empty_like(x) for x in (r, log_decay, k, v, a, b)]
         ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-        _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, ckpt, dout, dfinal, *grads, ds0,
-                       T, H, N, L, log2l, resets, prec, num_warps=num_warps, num_stages=num_stages)
+        _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, chunks, ckpt, dout, dfinal, *grads, ds0,
+                       T, H, N, L, log2l, resets, prec, slots, aligned, num_warps=num_warps, num_stages=num_stages)
         return (*grads, ds0, None)
 
 

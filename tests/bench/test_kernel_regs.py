@@ -23,7 +23,8 @@ def test_the_forward_kernel_compiles_for_sm90_and_ptxas_reports_on_it(kr,  # noq
     assert kr.main(["--kernels", "fwd", "--warps", "4", "--T", "64", "--H", "2", "--stages", "1,3"]) == 0
     rows = [[cell.strip() for cell in line.split("|")] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| fwd |")]
-    assert [(row[2], row[4]) for row in rows] == [("no", "1"), ("no", "3"), ("yes", "1"), ("yes", "3")]
+    assert [(row[2], row[4]) for row in rows] == [("no", "1"), ("no", "3"), ("yes", "1"), ("yes", "3"),
+                                                  ("aligned", "1"), ("aligned", "3")]
     shared = [int(row[8].split()[0]) for row in rows]
     assert shared[0] < shared[1] and shared[2] < shared[3]  # pipelined loads of later chunks wait in shared memory
     if kr.NVDISASM.is_file():  # the chunk loop's machine code: restarts add code to it

@@ -126,7 +126,7 @@ def test_chunked_kernels_match_the_reference_in_outputs_final_state_and_every_gr
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("settings", ["chunk=16", "chunk=32"])
+@pytest.mark.parametrize("settings", ["chunk=16", "chunk=32", "seq_chunks=1", "seq_chunks=1,chunk=32"])
 def test_chunked_kernels_restart_mid_row_like_the_reference(settings: str) -> None:
     """Restarts inside chunks (7 and 8: a one-token sequence; 21), on chunk starts (16, 32), at a row's first
     position and at its last, in rows with one and with several restarts per chunk."""
@@ -198,8 +198,9 @@ def test_the_interpreters_bf16_products_round_like_torch() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype, limit", [("float32", 1e-4), ("bfloat16", 1.5e-2)])
-def test_compiled_chunked_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float) -> None:
-    errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda", backend="chunk",
+@pytest.mark.parametrize("settings", ["", "seq_chunks=1"])
+def test_compiled_chunked_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float, settings: str) -> None:
+    errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda", backend="chunk", settings=settings,
                   restarts=[[0, 50, 64, 130], [0], [0, 199]])
     assert all(e < limit for e in errs.values()), errs
 
@@ -244,3 +245,40 @@ def test_the_products_precision_follows_the_input_dtype(monkeypatch: pytest.Monk
     assert _precision(torch.float16, 1) == "tf32"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _precision(torch.bfloat16, 1) == "bf16-emulated"
+
+
+def test_chunk_table_starts_chunks_at_every_sequence_start() -> None:
+    """seq_chunks: chunks of L tokens from each sequence's start (a row's first position starts one), the last one
+    of a sequence shorter; rows padded with T; too many sequences for the kept states fail loudly."""
+    import torch
+
+    from rwkv7.wkv_chunk import chunk_table
+
+    flags = torch.zeros(2, 64, dtype=torch.int8)
+    flags[0, [7, 8, 21, 40]] = 1
+    flags[1, 0] = 1
+    table = chunk_table(flags, 16, 8)
+    assert table.tolist() == [[7, 0, 7, 8, 21, 37, 40, 56, 64, 64], [4, 0, 16, 32, 48, 64, 64, 64, 64, 64]]
+    flags[0, 1:12] = 1  # 15 chunks in row 0
+    with pytest.raises(RuntimeError, match="more than 8 chunks in a row of 64 tokens"):
+        chunk_table(flags, 16, 8)
+
+
+def test_a_steps_wkv_calls_share_one_chunk_table_until_the_flags_change() -> None:
+    """Every layer of a step gets the same `starts` tensor: one table for all; a changed tensor (in place, as a
+    CUDA graph's static input is) or another tensor gets its own."""
+    import torch
+
+    from rwkv7.wkv_chunk import step_chunk_table
+
+    starts = torch.zeros(2, 64, dtype=torch.bool)
+    starts[0, 20] = True
+    first = step_chunk_table(starts, starts.to(torch.int8), 16, 12)
+    assert step_chunk_table(starts, starts.to(torch.int8), 16, 12) is first
+    starts[1, 30] = True  # in place: the version counter moves
+    second = step_chunk_table(starts, starts.to(torch.int8), 16, 12)
+    assert second is not first and second[1, 0].item() == 5  # chunks at 0, 16, 30, 46, 62
+    other = starts.clone()
+    assert step_chunk_table(other, other.to(torch.int8), 16, 12) is not second
+    flags = other.to(torch.int8)
+    assert step_chunk_table(other, flags, 32, 12) is not step_chunk_table(other, flags, 16, 12)
