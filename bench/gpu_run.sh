@@ -351,7 +351,7 @@ case "$PLAN" in
   seqchunks)  # one GPU: packed rows with chunks from every sequence start, alone, tested and in the step
     TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=1;seq_chunks=1,bwd_warps=8}" wkv_check 0 120 bf16 chunk
     gpu_tests 120 0 tests/rwkv7/test_wkv_triton.py -k chunk
-    for cfg in ${SEQ_CONFIGS:-seq_chunks=1,bwd_warps=8 seq_chunks=1 seq_chunks=0}; do
+    for cfg in ${SEQ_CONFIGS:-seq_chunks=1 seq_chunks=1,bwd_warps=8}; do
       stamp "(c) with STATETUNE_WKV_CHUNK=$cfg"
       STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 90)) --models 1.5b --workloads c --pack on --graphs on \
         --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"

@@ -274,6 +274,8 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
     n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)) if ALIGNED else NC
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
     dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
+    if ALIGNED:  # restarts add theirs in memory as they come: no tile of registers held across the loop
+        tl.store(ds0_ptr + pid * N * N + tile, dfirst)
     for i in range(NSLOT if INTERPRETED else n_chunks):
         ci = (NSLOT if INTERPRETED else n_chunks) - 1 - i
         S = tl.load(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile).to(tl.float32)
@@ -348,12 +350,24 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         _store(dv_ptr, offs, dv, valid, ALIGNED)
         _store(da_ptr, offs, dap * tl.exp(cex), valid, ALIGNED)
         _store(db_ptr, offs, dbh * grow + dbbar * tail, valid, ALIGNED)
-        if ALIGNED:  # a chunk that starts a sequence (after the row's first) started from the initial state
+        if ALIGNED:  # a compile-time branch around a run-time one
             restart = (tl.load(starts_ptr + b_idx * T + tl.minimum(start, T - 1)) != 0) & (start > 0) & (start < T)
-            dfirst += tl.where(restart, dS_prev, 0.0)
-            dS_prev = tl.where(restart, 0.0, dS_prev)
+            if restart:  # this chunk starts a sequence (after the row's first): it started from the initial state
+                _add_tile(ds0_ptr + pid * N * N + tile, dS_prev)
+                dS_prev = tl.zeros((N, N), dtype=tl.float32)
         dS = dS_prev
-    tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
+    if ALIGNED:
+        _add_tile(ds0_ptr + pid * N * N + tile, dS)
+    else:
+        tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
+
+
+@triton.jit
+def _add_tile(ptrs, value):
+    """*ptrs += value for a tile that only this program writes (a barrier: its threads may hold other elements of
+    the tile than the ones they stored)."""
+    tl.debug_barrier()
+    tl.store(ptrs, tl.load(ptrs) + value)
 
 
 def _precision(dtype: torch.dtype, bf16_dots: int) -> str:
