@@ -348,16 +348,16 @@ case "$PLAN" in
     run_on 0 $(($(left) - 50)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
-  seqchunks)  # one GPU: packed rows with chunks from every sequence start, alone, tested and in the step
-    TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=1;seq_chunks=1,bwd_warps=8}" wkv_check 0 120 bf16 chunk
+  seqchunks)  # one GPU: packed rows in chunks from every sequence start (the default) against restarts inside chunks
+    TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=0}" wkv_check 0 120 bf16 chunk
     gpu_tests 120 0 tests/rwkv7/test_wkv_triton.py -k chunk
-    for cfg in ${SEQ_CONFIGS:-seq_chunks=1 seq_chunks=1,bwd_warps=8}; do
-      stamp "(c) with STATETUNE_WKV_CHUNK=$cfg"
-      STATETUNE_WKV_CHUNK="$cfg" run_on 0 $(($(left) - 90)) --models 1.5b --workloads c --pack on --graphs on \
-        --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
+    for round in 1 2; do  # (c) and (a) in turns: the call-to-call spread is ~1 %, about the difference measured
+      for wl in c a; do
+        stamp "round $round: ($wl)"
+        run_on 0 $(($(left) - 20)) --models 1.5b --workloads $wl --pack "$([ $wl = c ] && echo on || echo off)" \
+          --graphs on --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
+      done
     done
-    run_on 0 $(($(left) - 10)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
-      --grad-cp-keep-ffn "${KEEP_FFN:-18}"
     ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"

@@ -81,7 +81,7 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # cost. bwd_warps_restarts: the backward of rows with restarts (packed rows) stays on 8 warps, where its larger body
 # spills less (460 against 1576 bytes): 14.7 against 15.2 ms per 1.5B (c) step (calls AR, AS).
 SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 4, "bwd_warps_restarts": 8, "fwd_stages": 3, "bwd_stages": 3,
-            "bf16_dots": 1, "bf16_states": 1, "seq_chunks": 0}
+            "bf16_dots": 1, "bf16_states": 1, "seq_chunks": 1}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 # Triton's interpreter (triton 3.6 with numpy 2) cannot loop a number of times that a kernel loaded: under it the
 # kernels walk every row's whole chunk table (`chunk_table` pads rows with empty chunks, which change nothing).
@@ -274,8 +274,6 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
     n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)) if ALIGNED else NC
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
     dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
-    if ALIGNED:  # restarts add theirs in memory as they come: no tile of registers held across the loop
-        tl.store(ds0_ptr + pid * N * N + tile, dfirst)
     for i in range(NSLOT if INTERPRETED else n_chunks):
         ci = (NSLOT if INTERPRETED else n_chunks) - 1 - i
         S = tl.load(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile).to(tl.float32)
@@ -352,22 +350,17 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         _store(db_ptr, offs, dbh * grow + dbbar * tail, valid, ALIGNED)
         if ALIGNED:  # a compile-time branch around a run-time one
             restart = (tl.load(starts_ptr + b_idx * T + tl.minimum(start, T - 1)) != 0) & (start > 0) & (start < T)
-            if restart:  # this chunk starts a sequence (after the row's first): it started from the initial state
-                _add_tile(ds0_ptr + pid * N * N + tile, dS_prev)
-                dS_prev = tl.zeros((N, N), dtype=tl.float32)
+            # This chunk starts a sequence (after the row's first): it started from the initial state. The adds
+            # are atomic (into zeros) but come one at a time from this program alone: no tile of registers held
+            # across the loop, and no load that Triton's pipelining could move ahead of an earlier add.
+            tl.atomic_add(ds0_ptr + pid * N * N + tile, dS_prev, mask=restart, sem="relaxed")
+            dS_prev = tl.where(restart, 0.0, dS_prev)
         dS = dS_prev
     if ALIGNED:
-        _add_tile(ds0_ptr + pid * N * N + tile, dS)
+        tl.atomic_add(ds0_ptr + pid * N * N + tile, dS, sem="relaxed")
     else:
         tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
 
-
-@triton.jit
-def _add_tile(ptrs, value):
-    """*ptrs += value for a tile that only this program writes (a barrier: its threads may hold other elements of
-    the tile than the ones they stored)."""
-    tl.debug_barrier()
-    tl.store(ptrs, tl.load(ptrs) + value)
 
 
 def _precision(dtype: torch.dtype, bf16_dots: int) -> str:
@@ -404,7 +397,8 @@ def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
         ordered = torch.cat([ordered, ordered.new_full((B, width - ordered.shape[1]), T)], dim=1)
     count = first.sum(dim=1, dtype=torch.int32)
     torch._assert_async(count.max() <= max_chunks, f"seq_chunks: more than {max_chunks} chunks in a row of {T} tokens "
-                        f"(sequences shorter than {SEQ_CHUNKS_MIN_LEN} tokens on average)")
+                        f"(sequences shorter than {SEQ_CHUNKS_MIN_LEN} tokens on average); "
+                        f"{SETTINGS_ENV}=seq_chunks=0 runs such rows")
     return torch.cat([count[:, None], ordered[:, :width]], dim=1).to(torch.int32).contiguous()
 
 
@@ -468,7 +462,8 @@ class _ChunkWKV7(torch.autograd.Function):
         dfinal = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dfinal is None
                   else dfinal.float().contiguous())
         grads = [torch.empty_like(x) for x in (r, log_decay, k, v, a, b)]
-        ds0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        # seq_chunks: every sequence adds its start's gradient (atomically)
+        ds0 = (torch.zeros if aligned else torch.empty)(B, H, N, N, device=r.device, dtype=torch.float32)
         _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, chunks, ckpt, dout, dfinal, *grads, ds0,
                        T, H, N, L, log2l, resets, prec, slots, aligned, num_warps=num_warps, num_stages=num_stages)
         return (*grads, ds0, None)

@@ -126,7 +126,8 @@ def test_chunked_kernels_match_the_reference_in_outputs_final_state_and_every_gr
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("settings", ["chunk=16", "chunk=32", "seq_chunks=1", "seq_chunks=1,chunk=32"])
+@pytest.mark.parametrize("settings", ["seq_chunks=0", "seq_chunks=0,chunk=32", "seq_chunks=1",
+                                      "seq_chunks=1,chunk=32"])
 def test_chunked_kernels_restart_mid_row_like_the_reference(settings: str) -> None:
     """Restarts inside chunks (7 and 8: a one-token sequence; 21), on chunk starts (16, 32), at a row's first
     position and at its last, in rows with one and with several restarts per chunk."""
@@ -134,7 +135,7 @@ def test_chunked_kernels_restart_mid_row_like_the_reference(settings: str) -> No
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("settings", ["chunk=16", "chunk=64"])
+@pytest.mark.parametrize("settings", ["seq_chunks=0", "seq_chunks=0,chunk=64"])  # too many sequences for seq_chunks
 def test_chunked_kernels_restart_at_every_position_of_a_chunk(settings: str) -> None:
     """One-token sequences at positions 16-31, every position of a chunk of 16 (each segment there enters from the
     initial state), and restarts at every odd position up to a chunk's last row."""
@@ -198,7 +199,7 @@ def test_the_interpreters_bf16_products_round_like_torch() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype, limit", [("float32", 1e-4), ("bfloat16", 1.5e-2)])
-@pytest.mark.parametrize("settings", ["", "seq_chunks=1"])
+@pytest.mark.parametrize("settings", ["seq_chunks=0", "seq_chunks=1"])
 def test_compiled_chunked_kernels_match_the_reference_on_the_gpu(dtype: str, limit: float, settings: str) -> None:
     errs = errors(B=3, T=200, H=4, dtype=dtype, device="cuda", backend="chunk", settings=settings,
                   restarts=[[0, 50, 64, 130], [0], [0, 199]])
