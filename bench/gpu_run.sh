@@ -348,6 +348,13 @@ case "$PLAN" in
     run_on 0 $(($(left) - 50)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
+  alltests)  # one GPU: every GPU test file, then (c) and (a) once more as time allows
+    gpu_tests $(($(left) - 100)) 0
+    for wl in c a; do
+      run_on 0 $(($(left) - 10)) --models 1.5b --workloads $wl --pack "$([ $wl = c ] && echo on || echo off)" \
+        --graphs on --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
+    done
+    ;;
   seqchunks)  # one GPU: packed rows in chunks from every sequence start (the default) against restarts inside chunks
     TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=0}" wkv_check 0 120 bf16 chunk
     gpu_tests 120 0 tests/rwkv7/test_wkv_triton.py -k chunk
@@ -375,7 +382,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | keepffn | dots | seqchunks | memory |"\
+          "chunk | memsnap | stages | keepffn | dots | seqchunks | alltests | memory |"\
           "sizes | wkv)"; exit 2 ;;
 esac
 
