@@ -355,6 +355,23 @@ case "$PLAN" in
         --graphs on --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
     done
     ;;
+  abseq)  # one GPU: the chunk tests and check of today's kernels, then (c) with them, (c) with PREV_WKV (a file:
+          # the chunked kernels before a change, swapped in for that row) and (a), 18 FFNs kept
+    TRITON_CONFIGS=";seq_chunks=0" wkv_check 0 100 bf16 chunk
+    gpu_tests 100 0 tests/rwkv7/test_wkv_triton.py -k chunk
+    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --pack on --graphs on --compile on \
+      --grad-cp-policy selective --grad-cp-keep-ffn 18
+    if [ -f "${PREV_WKV:-}" ]; then
+      cp rwkv7/wkv_chunk.py /tmp/wkv_chunk_now.py && cp "$PREV_WKV" rwkv7/wkv_chunk.py
+      for f in "$LOGS"/profiles/profile-1.5b-c-*.txt; do [ -f "$f" ] && mv "$f" "${f%.txt}-now.txt"; done  # same name
+      stamp "(c) with $PREV_WKV"
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --pack on --graphs on --compile on \
+        --grad-cp-policy selective --grad-cp-keep-ffn 18
+      cp /tmp/wkv_chunk_now.py rwkv7/wkv_chunk.py
+    fi
+    run_on 0 $(($(left) - 10)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
+      --grad-cp-keep-ffn 18
+    ;;
   seqchunks)  # one GPU: packed rows in chunks from every sequence start (the default) against restarts inside chunks
     TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=0}" wkv_check 0 120 bf16 chunk
     gpu_tests 120 0 tests/rwkv7/test_wkv_triton.py -k chunk
@@ -382,7 +399,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | keepffn | dots | seqchunks | alltests | memory |"\
+          "chunk | memsnap | stages | keepffn | dots | seqchunks | alltests | abseq | memory |"\
           "sizes | wkv)"; exit 2 ;;
 esac
 
