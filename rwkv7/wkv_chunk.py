@@ -141,13 +141,22 @@ def _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T: tl.constexpr, H: tl.c
         p = tl.load(entry)
         end = tl.load(entry + 1)
         valid = rows < end - p
-        offs = (b_idx * T + p + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
+        offs = (b_idx * T + tl.minimum(p + rows, T - 1))[:, None] * (H * N) + h_idx * N + cols[None, :]
     else:
         p = ci * L
         end = p + L
         valid = rows < L
         offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
     return offs, valid, p, end
+
+
+@triton.jit
+def _only_valid(valid, lw, k, v, b):
+    """Zero what rows that are not `valid` would add to the state: they become steps that change nothing (decay 1,
+    no key, value or b). Their r and a need no zeros: what they reach is their own rows' outputs (never stored)
+    and u, which enters the state only through b (and, in backward, dy stays zero there once dO is zero)."""
+    keep = valid[:, None]
+    return tl.where(keep, lw, 0.0), tl.where(keep, k, 0.0), tl.where(keep, v, 0.0), tl.where(keep, b, 0.0)
 
 
 @triton.jit
@@ -160,22 +169,11 @@ def _store(ptr, offs, value, valid, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, offs, valid, ALIGNED: tl.constexpr):
-    """A [L, N] tile as float32: zeros in the rows that are not `valid` when ALIGNED (a sequence's last chunk,
-    whose other rows become steps that change nothing: decay 1, no key, value, b; and no dO in backward)."""
-    if ALIGNED:
-        tile = tl.load(ptr + offs, mask=valid[:, None], other=0.0)
-    else:
-        tile = tl.load(ptr + offs)
-    return tile.to(tl.float32)
-
-
-@triton.jit
-def _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs, valid, ALIGNED: tl.constexpr):
-    """A chunk's inputs at `offs` (`_load`): (r, log decay, k, v, a, b)."""
-    return (_load(r_ptr, offs, valid, ALIGNED), _load(w_ptr, offs, valid, ALIGNED),
-            _load(k_ptr, offs, valid, ALIGNED), _load(v_ptr, offs, valid, ALIGNED),
-            _load(a_ptr, offs, valid, ALIGNED), _load(b_ptr, offs, valid, ALIGNED))
+def _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs):
+    """A chunk's inputs at `offs` as float32 [L, N] tiles: (r, log decay, k, v, a, b)."""
+    return (tl.load(r_ptr + offs).to(tl.float32), tl.load(w_ptr + offs).to(tl.float32),
+            tl.load(k_ptr + offs).to(tl.float32), tl.load(v_ptr + offs).to(tl.float32),
+            tl.load(a_ptr + offs).to(tl.float32), tl.load(b_ptr + offs).to(tl.float32))
 
 
 @triton.jit
@@ -231,7 +229,9 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         if SAVE:
             tl.store(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile, S.to(ckpt_ptr.dtype.element_ty))
         offs, valid, _start, end = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX, ALIGNED)
-        r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs, valid, ALIGNED)
+        r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
+        if ALIGNED:
+            lw, k, v, b = _only_valid(valid, lw, k, v, b)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (_incl, _strict, _c, _cex, c_end, rp, ap, _grow, _bh, _kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
@@ -278,8 +278,11 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         ci = (NSLOT if INTERPRETED else n_chunks) - 1 - i
         S = tl.load(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile).to(tl.float32)
         offs, valid, start, _end = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX, ALIGNED)
-        r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs, valid, ALIGNED)
-        do = _load(dout_ptr, offs, valid, ALIGNED)
+        r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
+        do = tl.load(dout_ptr + offs).to(tl.float32)
+        if ALIGNED:
+            lw, k, v, b = _only_valid(valid, lw, k, v, b)
+            do = tl.where(valid[:, None], do, 0.0)
         seg = _segments(starts_ptr, b_idx * T + ci * L, rows, RESETS)
         (incl, strict, c, cex, c_end, rp, ap, grow, bh, kh, tail, _m_ab, m_ak, m_rb, m_rk,
          inv) = _chunk_terms(r, lw, k, a, b, seg, rows, L, LOG2L, PREC)
