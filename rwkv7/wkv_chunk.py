@@ -26,20 +26,26 @@ Restarts (`starts`): a flagged position begins a new sequence from the row's ini
 rows then fall into segments; c becomes a cumulative sum within each segment (a masked [L, L] product with λ),
 the M matrices keep only pairs of one segment, the first segment enters from the carried state and later ones
 from the initial state. The same code serves chunks without restarts (one segment); the initial-state terms are
-computed only in chunks that restart.
+computed only in chunks that restart. That is the `seq_chunks=0` path. By default (`seq_chunks=1`) packed rows
+avoid it: their chunks start at every sequence's start (`chunk_table`, built on the device once per step), so a
+restart only ever falls on a chunk's first position. A sequence's last chunk is then shorter, and its rows past the
+end become steps that change nothing (decay 1, no k, v or b). Such a row needs up to T / L + (its number of
+sequences) chunks instead of T / L, but no chunk pays for segments.
 
 One program per (batch row, head) walks the chunks in order and keeps S in float32 registers; it stores the
 state at every chunk start for the backward pass, which walks the chunks in reverse, recomputes each chunk's
-matrices from its stored state, and carries dS. Memory kept for backward: `T / L` states per row and head.
+matrices from its stored state, and carries dS. Memory kept for backward: `T / L` states per row and head
+(`T / L + T / SEQ_CHUNKS_MIN_LEN` for packed rows under seq_chunks).
 Products run in float32 ("ieee") for float32 inputs and with bfloat16 operands (or TF32: `bf16_dots=0`) on tensor
 cores otherwise, accumulating in float32; the cumulative sums and the inverse always in float32. The chunk-start
 states are kept in bfloat16 for bf16 inputs (`bf16_states`), in float32 otherwise.
 
 Status: checked against `wkv7_reference` in Triton's interpreter (tests/rwkv7/test_wkv_triton.py) and on an
 H200 (`bench/gpu_check_wkv.py --backend chunk`: fp32 ≤ 5.8e-7, bf16 ≤ 6.6e-3 relative on outputs, final state and
-every gradient incl. d(initial state), with and without restarts). The default training kernel
-(`TrainParams.wkv_kernel`): 1.07 ms per layer forward + backward alone (fla: 2.7–3.2 ms), 15.6 ms of a 1.5B
-training step inside a CUDA graph (fla: ~35 ms); BENCHMARKS.md, fifth and eleventh sessions.
+every gradient incl. d(initial state), with and without restarts; both restart paths by the GPU tests in fp32
+and bf16). The default training kernel (`TrainParams.wkv_kernel`): 1.07 ms per layer forward + backward alone
+(fla: 2.7–3.2 ms), 15.6 ms of a 1.5B training step inside a CUDA graph (16.9 ms with packed rows; fla: ~35 ms);
+BENCHMARKS.md, fifth, eleventh and twelfth sessions.
 """
 
 from __future__ import annotations
@@ -67,8 +73,8 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # graphed 1.5B step: bwd_stages 1 / 2 were 2.5 / 1.1 % slower (call AK, tenth session).
 # bf16_dots (bf16 inputs only; float32 inputs multiply in IEEE float32, float16 ones in TF32): operands rounded to
 # bfloat16 instead of TF32. The kernels are bound by moving tiles into the tensor cores' layout (through shared
-# memory) and by register spills, not by the products' arithmetic: bfloat16 halves both (backward's chunk loop with
-# float32 states: 2773 -> 1764 instructions, 356 -> 44 bytes of spills; bench/kernel_regs.py). Errors against the
+# memory) and by register spills, not by the products' arithmetic: bfloat16 halves both (backward's chunk loop on 8
+# warps: 2520 -> 1494 instructions, 96 -> 0 bytes of spills; bench/kernel_regs.py). Errors against the
 # float32 reference stay at the level of bf16 rounding of the inputs and outputs (gpu_check_wkv, bf16: <= 6.6e-3
 # relative, against <= 5.3e-3 with TF32; the final state 1.8e-3 instead of 5e-4); a 1.5B model's loss after 30 steps
 # moved by +0.04 %.
@@ -78,8 +84,14 @@ T_STEP = 64  # sequence lengths are padded to a multiple of this (one compiled k
 # programs per SM, all 256 resident at once) instead of 8: 8.8 ms; step 78.1 -> 67.5 ms. Splitting the backward into
 # a sequential kernel for the chain of state gradients and a parallel one per chunk for the input gradients was
 # slower (1.69 against 1.52 ms alone, 0.17 + 0.57 ms in the step against 0.74: call AO): the per-chunk work is the
-# cost. bwd_warps_restarts: the backward of rows with restarts (packed rows) stays on 8 warps, where its larger body
-# spills less (460 against 1576 bytes): 14.7 against 15.2 ms per 1.5B (c) step (calls AR, AS).
+# cost. bwd_warps_restarts: with seq_chunks=0, the backward of rows with restarts (packed rows) stays on 8 warps,
+# where its larger body spills less (460 against 1576 bytes): 14.7 against 15.2 ms per 1.5B (c) step (calls AR, AS).
+# seq_chunks (packed rows; the module docstring): H200, graphed 1.5B (c) step with 18 FFNs kept (twelfth session):
+# WKV forward 8.0 -> 7.4 ms and backward 14.8 -> 9.4 ms; (c) 56.65 k -> 60.96 / 60.70 / 61.29 / 61.56 k tokens/s,
+# against (a) 60.75 / 60.69 / 61.31 / 61.62 k in the same calls (AT, AV, AW, AX). Its backward adds each
+# sequence's d(initial state) atomically: holding it in a tile of registers spilled, and a branch around a
+# read-modify-write kept Triton from loading the next chunks ahead (11.3-11.4 ms; AT, AU). Masked loads instead of
+# clamped ones and selects in a sequence's last chunk were slower (10.8 / 8.1 ms; AX).
 SETTINGS = {"chunk": 16, "fwd_warps": 4, "bwd_warps": 4, "bwd_warps_restarts": 8, "fwd_stages": 3, "bwd_stages": 3,
             "bf16_dots": 1, "bf16_states": 1, "seq_chunks": 1}
 SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
@@ -360,7 +372,6 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
         tl.atomic_add(ds0_ptr + pid * N * N + tile, dS, sem="relaxed")
     else:
         tl.store(ds0_ptr + pid * N * N + tile, dS + dfirst)
-
 
 
 def _precision(dtype: torch.dtype, bf16_dots: int) -> str:
