@@ -348,6 +348,13 @@ case "$PLAN" in
     run_on 0 $(($(left) - 50)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
+  issue4)  # one GPU: every row issue 4 asks for, in one run: 1.5B (a) and (c) with the settings that meet it, then (b)
+    for wl in a c; do
+      run_on 0 $(($(left) - 20)) --models 1.5b --workloads $wl --pack "$([ $wl = c ] && echo on || echo off)" \
+        --graphs on --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
+    done
+    run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions bf16,int8,nf4
+    ;;
   alltests)  # one GPU: every GPU test file, then (c) and (a) once more as time allows
     gpu_tests $(($(left) - 100)) 0
     for wl in c a; do
@@ -399,7 +406,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | keepffn | dots | seqchunks | alltests | abseq | memory |"\
+          "chunk | memsnap | stages | keepffn | dots | seqchunks | alltests | abseq | issue4 | memory |"\
           "sizes | wkv)"; exit 2 ;;
 esac
 

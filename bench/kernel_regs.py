@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -99,26 +100,33 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([str(NVDISASM), str(path)], capture_output=True, text=True, check=True).stdout
 
 
-def measure(kernel: triton.JITFunction, restarts: bool | str, warps: int, dtype: str, T: int, H: int,
-            arch: int, stages: int = 3, prec: str = "bf16") -> dict[str, int]:
-    """Compile one variant for `arch` and report its registers, spills and shared memory (bytes), and with
-    nvdisasm the chunk loop's counts (`loop_report`)."""
+def compile_variant(kernel: triton.JITFunction, restarts: bool | str, warps: int, dtype: str, T: int, H: int,
+                    arch: int, stages: int = 3, prec: str = "bf16") -> Any:
+    """One variant of `kernel` compiled for `arch` as Triton's launcher would compile it for torch tensors:
+    `restarts` False (none), True (inside chunks) or "aligned" (only at chunk starts: seq_chunks)."""
     L = wkv_chunk.SETTINGS["chunk"]
-    aligned = restarts == "aligned"  # restarts only at chunk starts (seq_chunks), else inside chunks (True) or none
+    aligned = restarts == "aligned"
     constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts is True,
                  "SAVE": True, "PREC": "ieee" if dtype == "fp32" else prec, "ALIGNED": aligned,
                  "NCMAX": T // L + T // wkv_chunk.SEQ_CHUNKS_MIN_LEN if aligned else T // L}
     types = signature(kernel, dtype)
     if wkv_chunk.states_dtype(TORCH_DTYPES[dtype], wkv_chunk.SETTINGS["bf16_states"]) == torch.bfloat16:
         types["ckpt_ptr"] = "*bf16"  # the chunk-start states as the kernel keeps them
-    # Pointers 16-byte aligned, as Triton's launcher marks every torch allocation: without it loads and stores
-    # would not be vectorized and the counts would describe a kernel that never runs.
+    # Pointers 16-byte aligned, as the launcher marks every torch allocation: without it loads and stores would
+    # not be vectorized and the counts would describe a kernel that never runs.
     aligned_ptrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                     if types.get(name, "").startswith("*")}
     source = ASTSource(fn=kernel, signature=types, constexprs={k: v for k, v in constants.items() if k in types},
                        attrs=aligned_ptrs)
     options = {"num_warps": warps, "num_stages": stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def measure(kernel: triton.JITFunction, restarts: bool | str, warps: int, dtype: str, T: int, H: int,
+            arch: int, stages: int = 3, prec: str = "bf16") -> dict[str, int]:
+    """Compile one variant (`compile_variant`) and report its registers, spills and shared memory (bytes), and
+    with nvdisasm the chunk loop's counts (`loop_report`)."""
+    compiled = compile_variant(kernel, restarts, warps, dtype, T, H, arch, stages, prec)
     report = {**ptxas_report(compiled.asm["ptx"], arch), "shared": compiled.metadata.shared}
     if NVDISASM.is_file():
         report |= loop_report(disassemble(compiled.asm["cubin"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -50,3 +52,12 @@ def test_the_loop_report_counts_the_longest_loop_of_disassembled_code(kr) -> Non
                                     "loop_mma": 1}
     with pytest.raises(RuntimeError, match="no loop"):
         kr.loop_report(sass.replace("(.L_x_1)", "(.L_x_3)").replace("(.L_x_2)", "(.L_x_3)"))
+
+
+def test_variants_compile_as_the_launcher_compiles_them_for_torch_tensors(kr) -> None:  # noqa: ANN001
+    """16-byte-aligned pointers, as Triton's launcher marks every torch allocation: the chunk's loads are then
+    16-byte copies into shared memory ahead of use (without the mark they would be 2-byte loads, one element each)."""
+    ptx = kr.compile_variant(kr.wkv_chunk._bwd, restarts="aligned", warps=4, dtype="bf16", T=64, H=2,
+                             arch=90).asm["ptx"]
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", ptx)
+    assert "ld.global.b16" not in ptx
