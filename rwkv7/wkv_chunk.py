@@ -391,26 +391,56 @@ def states_dtype(dtype: torch.dtype, bf16_states: int) -> torch.dtype:
     return torch.bfloat16 if bf16_states and dtype == torch.bfloat16 else torch.float32
 
 
+def seq_chunk_slots(T: int, chunk: int) -> int:
+    """Chunks a row of T tokens may need under seq_chunks (and chunk-start states kept per row and head): T / chunk
+    plus one per sequence, for sequences down to SEQ_CHUNKS_MIN_LEN tokens on average."""
+    return T // chunk + T // SEQ_CHUNKS_MIN_LEN
+
+
+def _chunk_starts(flags: Tensor, chunk: int) -> Tensor:
+    """`[B, T]` bool: where seq_chunks' chunks start, every `chunk` tokens from each sequence's start (flags != 0;
+    a row's first position starts one too)."""
+    pos = torch.arange(flags.shape[1], device=flags.device, dtype=torch.int32)
+    seq_start = torch.cummax(torch.where(flags != 0, pos, 0), dim=1).values
+    return (pos - seq_start) % chunk == 0
+
+
+def _too_many_chunks(need: int | str, room: int, T: int) -> str:
+    return (f"a packed row of {T} tokens needs {need} chunks under seq_chunks, which keeps room for {room} "
+            f"(its sequences average under {SEQ_CHUNKS_MIN_LEN} tokens); {SETTINGS_ENV}=seq_chunks=0 runs such rows")
+
+
 def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
     """Each row's chunks when they start at its sequences' starts (`seq_chunks`): int32 `[B, max_chunks + 2]`, per
-    row the number of chunks n, then their first positions in order (every `chunk` tokens from each sequence's
-    start, where a row's first position starts one too), then T (the end of the last; padding).
+    row the number of chunks n, then their first positions in order (`_chunk_starts`), then T (the end of the
+    last; padding).
 
     Built on the device without waiting for it (CUDA graphs can capture it). A row needs at most T / chunk + its
-    number of sequences chunks; more than `max_chunks` fails a device-side check."""
+    number of sequences chunks; more than `max_chunks` fails a device-side check (on a GPU, CUDA's generic
+    "device-side assert": `check_packed_rows` checks the batch on the host first)."""
     B, T = flags.shape
-    pos = torch.arange(T, device=flags.device, dtype=torch.int32)
-    seq_start = torch.cummax(torch.where(flags != 0, pos, 0), dim=1).values
-    first = (pos - seq_start) % chunk == 0
-    ordered = torch.where(first, pos, T).sort(dim=1).values
+    first = _chunk_starts(flags, chunk)
+    ordered = torch.where(first, torch.arange(T, device=flags.device, dtype=torch.int32), T).sort(dim=1).values
     width = max_chunks + 1
     if ordered.shape[1] < width:
         ordered = torch.cat([ordered, ordered.new_full((B, width - ordered.shape[1]), T)], dim=1)
     count = first.sum(dim=1, dtype=torch.int32)
-    torch._assert_async(count.max() <= max_chunks, f"seq_chunks: more than {max_chunks} chunks in a row of {T} tokens "
-                        f"(sequences shorter than {SEQ_CHUNKS_MIN_LEN} tokens on average); "
-                        f"{SETTINGS_ENV}=seq_chunks=0 runs such rows")
+    torch._assert_async(count.max() <= max_chunks, _too_many_chunks(f"more than {max_chunks}", max_chunks, T))
     return torch.cat([count[:, None], ordered[:, :width]], dim=1).to(torch.int32).contiguous()
+
+
+def check_packed_rows(starts: Tensor) -> None:
+    """ValueError when a batch of packed rows (`starts [B, T]`, on the host before it goes to the GPU) has a row
+    with more sequences than seq_chunks keeps room for; nothing when seq_chunks is off."""
+    settings = launch_settings()
+    if not settings["seq_chunks"]:
+        return
+    T = -(-starts.shape[1] // T_STEP) * T_STEP  # as the kernels see the row (`run_padded`)
+    flags = torch.nn.functional.pad(starts.to(torch.int8), (0, T - starts.shape[1]))
+    need = int(_chunk_starts(flags, settings["chunk"]).sum(dim=1).max())
+    room = seq_chunk_slots(T, settings["chunk"])
+    if need > room:
+        raise ValueError(_too_many_chunks(need, room, T))
 
 
 _TABLE: dict[str, object] = {}  # the last chunk table, for the next WKV call on the same flags
@@ -442,7 +472,7 @@ class _ChunkWKV7(torch.autograd.Function):
         settings = launch_settings()
         L = settings["chunk"]
         aligned = starts is not None and bool(settings["seq_chunks"])
-        slots = T // L + T // SEQ_CHUNKS_MIN_LEN if aligned else T // L  # chunk-start states kept per row
+        slots = seq_chunk_slots(T, L) if aligned else T // L  # chunk-start states kept per row
         if B * H * slots * N * N >= 2**31:  # the kernels' offsets are 32-bit (the largest: chunk-start states)
             raise ValueError(f"WKV input [B={B}, T={T}, H={H}] is too large for the chunked kernels' 32-bit offsets; "
                              "use fewer rows per micro-batch or a shorter ctx_len")

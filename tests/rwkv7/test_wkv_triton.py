@@ -261,7 +261,7 @@ def test_chunk_table_starts_chunks_at_every_sequence_start() -> None:
     table = chunk_table(flags, 16, 8)
     assert table.tolist() == [[7, 0, 7, 8, 21, 37, 40, 56, 64, 64], [4, 0, 16, 32, 48, 64, 64, 64, 64, 64]]
     flags[0, 1:12] = 1  # 15 chunks in row 0
-    with pytest.raises(RuntimeError, match="more than 8 chunks in a row of 64 tokens"):
+    with pytest.raises(RuntimeError, match="a packed row of 64 tokens needs more than 8 chunks"):
         chunk_table(flags, 16, 8)
 
 
@@ -283,3 +283,22 @@ def test_a_steps_wkv_calls_share_one_chunk_table_until_the_flags_change() -> Non
     assert step_chunk_table(other, other.to(torch.int8), 16, 12) is not second
     flags = other.to(torch.int8)
     assert step_chunk_table(other, flags, 32, 12) is not step_chunk_table(other, flags, 16, 12)
+
+
+def test_packed_rows_with_too_many_sequences_are_refused_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a batch goes to the GPU, where the chunk table's own check would only say "device-side assert": a
+    row of 40 tokens (64 as the kernels see it) holds up to 64 / 16 + 64 / 8 = 12 chunks under seq_chunks."""
+    import torch
+
+    from rwkv7.wkv_chunk import check_packed_rows
+
+    starts = torch.zeros(2, 40, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[1, 4:40:4] = True  # row 1: nine sequences of 4 tokens and one padded to 28: 9 + 2 = 11 chunks
+    check_packed_rows(starts)
+    starts[1, 2:40:4] = True  # now 19 of 2 tokens and one padded to 26: 19 + 2 = 21 chunks
+    with pytest.raises(ValueError, match=r"needs 21 chunks under seq_chunks, which keeps room for 12 .*"
+                                         r"STATETUNE_WKV_CHUNK=seq_chunks=0"):
+        check_packed_rows(starts)
+    monkeypatch.setenv("STATETUNE_WKV_CHUNK", "seq_chunks=0")  # restarts inside chunks: any row fits
+    check_packed_rows(starts)
