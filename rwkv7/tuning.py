@@ -413,12 +413,12 @@ class StateTuner(L.LightningModule):
         embedding table on the host (`embedding_on_host`) the rows are looked up here, straight into pinned
         memory (a lookup on the GPU's tokens would read them back and wait for every step queued before). Packed
         rows for our chunked kernels are checked against the room they keep (`rwkv7.wkv_chunk.check_packed_rows`)."""
-        if self.model.device.type != "cuda":
-            return batch
         if batch.starts is not None and self.optim.wkv_backend == "chunk":
             from rwkv7.wkv_chunk import check_packed_rows
 
             check_packed_rows(batch.starts)
+        if self.model.device.type != "cuda":
+            return batch
         pinned = {f.name: t.pin_memory() for f in fields(batch) if isinstance(t := getattr(batch, f.name), Tensor)}
         table = self.model.emb.weight
         if table.device.type == "cpu":

@@ -576,3 +576,19 @@ def test_own_gradient_keeps_accumulated_gradients_apart_from_a_reused_buffer() -
         for scale in (1.0, 2.0):
             Replayed.apply(OwnGradient.apply(param) if wrap else param, scale).backward()
         assert torch.equal(param.grad, torch.full((3,), expected))
+
+
+def test_packed_rows_beyond_the_chunked_kernels_room_stop_before_the_transfer() -> None:
+    """A batch of packed rows that seq_chunks has no room for is refused as it leaves the host (a ValueError that
+    names the setting), before the GPU would stop on a bare device-side assert; rows that fit pass unchanged, and
+    other WKV backends are not checked."""
+    pytest.importorskip("triton")
+    tiny = [Sample([FIRST_TOKEN, 7], [False, True], f"t{i}") for i in range(40)]  # 40 one-token sequences
+    crowded = pack_rows_collate(tiny, width=40, rows=1)
+    fine = pack_rows_collate(token_samples(2, 30, seed=0), width=40, rows=2)
+    chunked = StateTuner(tiny_model(), OptimSettings(lr_init=0.1, lr_final=0.1, total_steps=1, wkv_backend="chunk"))
+    with pytest.raises(ValueError, match="STATETUNE_WKV_CHUNK=seq_chunks=0"):
+        chunked.on_before_batch_transfer(crowded, 0)
+    assert chunked.on_before_batch_transfer(fine, 0) is fine
+    other = StateTuner(tiny_model(), OptimSettings(lr_init=0.1, lr_final=0.1, total_steps=1, wkv_backend="triton"))
+    assert other.on_before_batch_transfer(crowded, 0) is crowded
