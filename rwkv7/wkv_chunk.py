@@ -99,7 +99,7 @@ SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 # kernels walk every row's whole chunk table (`chunk_table` pads rows with empty chunks, which change nothing).
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # seq_chunks keeps T / chunk + T / SEQ_CHUNKS_MIN_LEN chunk-start states per row and head: rows whose sequences
-# average fewer tokens fail a device-side check (`chunk_table`).
+# average fewer tokens are refused (`check_packed_rows` on the host; a device-side check in `chunk_table`).
 SEQ_CHUNKS_MIN_LEN = 8
 
 
@@ -435,8 +435,8 @@ def check_packed_rows(starts: Tensor) -> None:
     settings = launch_settings()
     if not settings["seq_chunks"]:
         return
-    T = -(-starts.shape[1] // T_STEP) * T_STEP  # as the kernels see the row (`run_padded`)
-    flags = torch.nn.functional.pad(starts.to(torch.int8), (0, T - starts.shape[1]))
+    flags = torch.nn.functional.pad(starts.to(torch.int8), (0, -starts.shape[1] % T_STEP))  # as `run_padded` pads
+    T = flags.shape[1]
     need = int(_chunk_starts(flags, settings["chunk"]).sum(dim=1).max())
     room = seq_chunk_slots(T, settings["chunk"])
     if need > room:
