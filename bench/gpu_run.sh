@@ -40,10 +40,15 @@
 #              TRITON_CONFIGS alone, then 1.5B (a) with graphs + compile + selective + 15 FFNs kept for each of DOTS,
 #              (a) with each of FFNS (default 18) FFNs kept, (c) packed, the memory rows (b) int8/bf16/nf4, then the
 #              chunked kernels' GPU tests
-#       seqchunks one GPU: packed rows with chunks that start at every sequence start (seq_chunks=1) against
-#              restarts inside chunks: alone (TRITON_CONFIGS), the chunked kernels' GPU tests (both ways), then
-#              1.5B (c) both ways (seq_chunks with a 4- and an 8-warp backward) and (a), graphs + compile +
-#              selective + 15 FFNs kept
+#       seqchunks one GPU: packed rows in chunks that start at every sequence start (seq_chunks, the default)
+#              against restarts inside chunks: alone (TRITON_CONFIGS), the chunked kernels' GPU tests (both ways),
+#              then 1.5B (c) and (a) in two alternating rounds with the tuned settings (tuned_row; the plan's
+#              earlier forms ran in calls AT and AU: BENCHMARKS, twelfth session)
+#       alltests one GPU: every GPU test file, then 1.5B (c) and (a) with the tuned settings
+#       abseq  one GPU: the chunked kernels' check and GPU tests, then 1.5B (c) with the tuned settings, (c) again
+#              with the chunked kernels of the file PREV_WKV, and (a)
+#       issue4 one GPU: every row issue 4 asks for in one run: 1.5B (a) and (c) with the tuned settings, then the
+#              memory rows (b) bf16/int8/nf4 without graphs
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
 #       sizes  one GPU: 0.4B and 2.9B (a) with graphs + compile, 1.5B (a) with the embedding table on the GPU, and
 #              the memory rows: 1.5B (b) bf16/int8/nf4 without graphs
@@ -127,6 +132,15 @@ run_on() {
   shift 2
   [ "$secs" -gt 30 ] || { echo "skipped (no time left): $*"; return 0; }
   CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" "${SPEED[@]}" --timeout "$secs" "$@"
+}
+
+# tuned_row SECONDS WORKLOAD [ARGS...]: a 1.5B row on GPU 0 with the settings that meet issue 4 (graphs + compile +
+# selective recompute, KEEP_FFN blocks keeping their FFN, default 18); workload c in packed rows
+tuned_row() {
+  local secs=$1 wl=$2
+  shift 2
+  run_on 0 "$secs" --models 1.5b --workloads "$wl" --pack "$([ "$wl" = c ] && echo on || echo off)" --graphs on \
+    --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}" "$@"
 }
 
 # wkv_check GPU SECONDS [DTYPES] [BACKEND]: bench/gpu_check_wkv.py; its table (rewritten after each case) in $OUT
@@ -349,35 +363,28 @@ case "$PLAN" in
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
   issue4)  # one GPU: every row issue 4 asks for, in one run: 1.5B (a) and (c) with the settings that meet it, then (b)
-    for wl in a c; do
-      run_on 0 $(($(left) - 20)) --models 1.5b --workloads $wl --pack "$([ $wl = c ] && echo on || echo off)" \
-        --graphs on --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
-    done
+    tuned_row $(($(left) - 20)) a
+    tuned_row $(($(left) - 20)) c
     run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions bf16,int8,nf4
     ;;
   alltests)  # one GPU: every GPU test file, then (c) and (a) once more as time allows
     gpu_tests $(($(left) - 100)) 0
-    for wl in c a; do
-      run_on 0 $(($(left) - 10)) --models 1.5b --workloads $wl --pack "$([ $wl = c ] && echo on || echo off)" \
-        --graphs on --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
-    done
+    tuned_row $(($(left) - 10)) c
+    tuned_row $(($(left) - 10)) a
     ;;
   abseq)  # one GPU: the chunk tests and check of today's kernels, then (c) with them, (c) with PREV_WKV (a file:
           # the chunked kernels before a change, swapped in for that row) and (a), 18 FFNs kept
     TRITON_CONFIGS=";seq_chunks=0" wkv_check 0 100 bf16 chunk
     gpu_tests 100 0 tests/rwkv7/test_wkv_triton.py -k chunk
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --pack on --graphs on --compile on \
-      --grad-cp-policy selective --grad-cp-keep-ffn 18
+    tuned_row $(($(left) - 20)) c
     if [ -f "${PREV_WKV:-}" ]; then
       cp rwkv7/wkv_chunk.py /tmp/wkv_chunk_now.py && cp "$PREV_WKV" rwkv7/wkv_chunk.py
       for f in "$LOGS"/profiles/profile-1.5b-c-*.txt; do [ -f "$f" ] && mv "$f" "${f%.txt}-now.txt"; done  # same name
       stamp "(c) with $PREV_WKV"
-      run_on 0 $(($(left) - 20)) --models 1.5b --workloads c --pack on --graphs on --compile on \
-        --grad-cp-policy selective --grad-cp-keep-ffn 18
+      tuned_row $(($(left) - 20)) c
       cp /tmp/wkv_chunk_now.py rwkv7/wkv_chunk.py
     fi
-    run_on 0 $(($(left) - 10)) --models 1.5b --workloads a --graphs on --compile on --grad-cp-policy selective \
-      --grad-cp-keep-ffn 18
+    tuned_row $(($(left) - 10)) a
     ;;
   seqchunks)  # one GPU: packed rows in chunks from every sequence start (the default) against restarts inside chunks
     TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=0}" wkv_check 0 120 bf16 chunk
@@ -385,8 +392,7 @@ case "$PLAN" in
     for round in 1 2; do  # (c) and (a) in turns: the call-to-call spread is ~1 %, about the difference measured
       for wl in c a; do
         stamp "round $round: ($wl)"
-        run_on 0 $(($(left) - 20)) --models 1.5b --workloads $wl --pack "$([ $wl = c ] && echo on || echo off)" \
-          --graphs on --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}"
+        tuned_row $(($(left) - 20)) $wl
       done
     done
     ;;
