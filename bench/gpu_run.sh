@@ -47,6 +47,8 @@
 #       alltests one GPU: every GPU test file, then 1.5B (c) and (a) with the tuned settings
 #       abseq  one GPU: the chunked kernels' check and GPU tests, then 1.5B (c) with the tuned settings, (c) again
 #              with the chunked kernels of the file PREV_WKV, and (a)
+#       slots  one GPU: as abseq, then (c) without activation recompute with PREV_WKV's kernels and with today's
+#              (the memory the chunk-start states cost), then (a)
 #       issue4 one GPU: every row issue 4 asks for in one run: 1.5B (a) and (c) with the tuned settings, then the
 #              memory rows (b) bf16/int8/nf4 without graphs
 #       memory one GPU: the memory rows, 1.5B (b) int8, bf16, nf4 (PRECISIONS) without graphs
@@ -142,6 +144,23 @@ tuned_row() {
   run_on 0 "$secs" --models 1.5b --workloads "$wl" --pack "$([ "$wl" = c ] && echo on || echo off)" --graphs on \
     --compile on --grad-cp-policy selective --grad-cp-keep-ffn "${KEEP_FFN:-18}" "$@"
 }
+
+# with_prev COMMAND...: COMMAND with the chunked kernels of the file PREV_WKV (the kernels before a change; an
+# untracked file in the repo root travels with the call) swapped in for it alone. Its row logs and profiles get the
+# suffix -prev, so that the same row with today's kernels keeps its own.
+with_prev() {
+  [ -f "${PREV_WKV:-}" ] || { echo "no PREV_WKV file: skipped $*"; return 0; }
+  local keep=/tmp/statetune-logs-now
+  rm -rf "$keep" && mkdir -p "$keep" && mv "$LOGS"/* "$keep"/ 2>/dev/null
+  cp rwkv7/wkv_chunk.py /tmp/wkv_chunk_now.py && cp "$PREV_WKV" rwkv7/wkv_chunk.py
+  stamp "with the kernels of $PREV_WKV: $*"
+  "$@"
+  cp /tmp/wkv_chunk_now.py rwkv7/wkv_chunk.py
+  find "$LOGS" -type f -print0 | while IFS= read -r -d '' f; do mv "$f" "${f%.*}-prev.${f##*.}"; done
+  cp -r "$keep"/. "$LOGS"/
+}
+# (c) packed without activation recompute: every layer keeps its chunk-start states (the memory seq_chunks costs)
+NO_CP_C=(--models 1.5b --workloads c --pack on --graphs on --compile on --grad-cp off)
 
 # wkv_check GPU SECONDS [DTYPES] [BACKEND]: bench/gpu_check_wkv.py; its table (rewritten after each case) in $OUT
 wkv_check() {
@@ -372,18 +391,20 @@ case "$PLAN" in
     tuned_row $(($(left) - 10)) c
     tuned_row $(($(left) - 10)) a
     ;;
-  abseq)  # one GPU: the chunk tests and check of today's kernels, then (c) with them, (c) with PREV_WKV (a file:
-          # the chunked kernels before a change, swapped in for that row) and (a), 18 FFNs kept
+  abseq)  # one GPU: the chunk tests and check of today's kernels, then (c) with them, (c) with PREV_WKV and (a)
     TRITON_CONFIGS=";seq_chunks=0" wkv_check 0 100 bf16 chunk
     gpu_tests 100 0 tests/rwkv7/test_wkv_triton.py -k chunk
     tuned_row $(($(left) - 20)) c
-    if [ -f "${PREV_WKV:-}" ]; then
-      cp rwkv7/wkv_chunk.py /tmp/wkv_chunk_now.py && cp "$PREV_WKV" rwkv7/wkv_chunk.py
-      for f in "$LOGS"/profiles/profile-1.5b-c-*.txt; do [ -f "$f" ] && mv "$f" "${f%.txt}-now.txt"; done  # same name
-      stamp "(c) with $PREV_WKV"
-      tuned_row $(($(left) - 20)) c
-      cp /tmp/wkv_chunk_now.py rwkv7/wkv_chunk.py
-    fi
+    with_prev tuned_row $(($(left) - 20)) c
+    tuned_row $(($(left) - 10)) a
+    ;;
+  slots)  # one GPU: today's chunked kernels against PREV_WKV's for speed under recompute and memory without it
+    TRITON_CONFIGS=";seq_chunks=0" wkv_check 0 100 bf16 chunk
+    gpu_tests 100 0 tests/rwkv7/test_wkv_triton.py -k chunk
+    tuned_row $(($(left) - 20)) c
+    with_prev tuned_row $(($(left) - 20)) c
+    with_prev run_on 0 $(($(left) - 20)) "${NO_CP_C[@]}"
+    run_on 0 $(($(left) - 20)) "${NO_CP_C[@]}"
     tuned_row $(($(left) - 10)) a
     ;;
   seqchunks)  # one GPU: packed rows in chunks from every sequence start (the default) against restarts inside chunks
