@@ -108,7 +108,7 @@ def compile_variant(kernel: triton.JITFunction, restarts: bool | str, warps: int
     aligned = restarts == "aligned"
     constants = {"T": T, "H": H, "N": 64, "L": L, "LOG2L": L.bit_length() - 1, "RESETS": restarts is True,
                  "SAVE": True, "PREC": "ieee" if dtype == "fp32" else prec, "ALIGNED": aligned,
-                 "NCMAX": wkv_chunk.seq_chunk_slots(T, L) if aligned else T // L}
+                 "NCMAX": wkv_chunk.seq_chunks_room(T, L) if aligned else T // L}
     types = signature(kernel, dtype)
     if wkv_chunk.states_dtype(TORCH_DTYPES[dtype], wkv_chunk.SETTINGS["bf16_states"]) == torch.bfloat16:
         types["ckpt_ptr"] = "*bf16"  # the chunk-start states as the kernel keeps them

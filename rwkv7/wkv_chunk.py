@@ -34,8 +34,8 @@ sequences) chunks instead of T / L, but no chunk pays for segments.
 
 One program per (batch row, head) walks the chunks in order and keeps S in float32 registers; it stores the
 state at every chunk start for the backward pass, which walks the chunks in reverse, recomputes each chunk's
-matrices from its stored state, and carries dS. Memory kept for backward: `T / L` states per row and head
-(`T / L + T / SEQ_CHUNKS_MIN_LEN` for packed rows under seq_chunks).
+matrices from its stored state, and carries dS. Memory kept for backward: `T / L` states per row and head (T / L + 2
+under seq_chunks: chunks that start a sequence share one, the initial state; `chunk_table`).
 Products run in float32 ("ieee") for float32 inputs and with bfloat16 operands (or TF32: `bf16_dots=0`) on tensor
 cores otherwise, accumulating in float32; the cumulative sums and the inverse always in float32. The chunk-start
 states are kept in bfloat16 for bf16 inputs (`bf16_states`), in float32 otherwise.
@@ -98,7 +98,7 @@ SETTINGS_ENV = "STATETUNE_WKV_CHUNK"
 # Triton's interpreter (triton 3.6 with numpy 2) cannot loop a number of times that a kernel loaded: under it the
 # kernels walk every row's whole chunk table (`chunk_table` pads rows with empty chunks, which change nothing).
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-# seq_chunks keeps T / chunk + T / SEQ_CHUNKS_MIN_LEN chunk-start states per row and head: rows whose sequences
+# seq_chunks' chunk table has room for T / chunk + T / SEQ_CHUNKS_MIN_LEN chunks per row: rows whose sequences
 # average fewer tokens are refused (`check_packed_rows` on the host; a device-side check in `chunk_table`).
 SEQ_CHUNKS_MIN_LEN = 8
 
@@ -145,21 +145,23 @@ def _segments(starts_ptr, row_base, rows, RESETS: tl.constexpr):
 def _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T: tl.constexpr, H: tl.constexpr, N: tl.constexpr,
               L: tl.constexpr, NCMAX: tl.constexpr, ALIGNED: tl.constexpr):
     """Where chunk `ci` of row `b_idx` lies: `(offsets of its [L, N] tile for head h_idx, its valid rows, its first
-    position, the first position after it)`. Every L tokens; or, ALIGNED, from the row's table (`chunk_table`): L
-    tokens from each sequence's start, a sequence's last chunk shorter (its other rows clamped into the row and
-    `valid` False)."""
+    position, the first position after it, the slot of its start state)`. Every L tokens, each chunk's state in
+    slot ci; or, ALIGNED, from the row's table (`chunk_table`): L tokens from each sequence's start, a sequence's
+    last chunk shorter (its other rows clamped into the row and `valid` False), the slot from the table."""
     if ALIGNED:
-        entry = chunks_ptr + b_idx * (NCMAX + 2) + 1 + ci
-        p = tl.load(entry)
-        end = tl.load(entry + 1)
+        row = chunks_ptr + b_idx * (2 * NCMAX + 2)
+        p = tl.load(row + 1 + ci)
+        end = tl.load(row + 2 + ci)
+        slot = tl.load(row + NCMAX + 2 + ci)
         valid = rows < end - p
         offs = (b_idx * T + tl.minimum(p + rows, T - 1))[:, None] * (H * N) + h_idx * N + cols[None, :]
     else:
         p = ci * L
         end = p + L
+        slot = ci
         valid = rows < L
         offs = (b_idx * T + ci * L + rows)[:, None] * (H * N) + h_idx * N + cols[None, :]
-    return offs, valid, p, end
+    return offs, valid, p, end, slot
 
 
 @triton.jit
@@ -234,13 +236,15 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
     cols = tl.arange(0, N)
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
-    NSLOT: tl.constexpr = NCMAX if ALIGNED else NC  # chunk-start states kept per row and head
-    n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)) if ALIGNED else NC
+    NTAB: tl.constexpr = NCMAX if ALIGNED else NC  # chunks a row may have
+    NSLOT: tl.constexpr = NC + 2 if ALIGNED else NC  # chunk-start states kept per row and head (`chunk_table`)
+    n_chunks = tl.load(chunks_ptr + b_idx * (2 * NCMAX + 2)) if ALIGNED else NC
     S = tl.load(s0_ptr + pid * N * N + tile)
-    for ci in range(NSLOT if INTERPRETED else n_chunks):
+    for ci in range(NTAB if INTERPRETED else n_chunks):
+        offs, valid, _start, end, slot = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX,
+                                                   ALIGNED)
         if SAVE:
-            tl.store(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile, S.to(ckpt_ptr.dtype.element_ty))
-        offs, valid, _start, end = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX, ALIGNED)
+            tl.store(ckpt_ptr + (pid * NSLOT + slot) * N * N + tile, S.to(ckpt_ptr.dtype.element_ty))
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         if ALIGNED:
             lw, k, v, b = _only_valid(valid, lw, k, v, b)
@@ -282,14 +286,16 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
     cols = tl.arange(0, N)
     tile = cols[:, None] * N + cols[None, :]
     NC: tl.constexpr = T // L
-    NSLOT: tl.constexpr = NCMAX if ALIGNED else NC
-    n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)) if ALIGNED else NC
+    NTAB: tl.constexpr = NCMAX if ALIGNED else NC
+    NSLOT: tl.constexpr = NC + 2 if ALIGNED else NC
+    n_chunks = tl.load(chunks_ptr + b_idx * (2 * NCMAX + 2)) if ALIGNED else NC
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
     dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
-    for i in range(NSLOT if INTERPRETED else n_chunks):
-        ci = (NSLOT if INTERPRETED else n_chunks) - 1 - i
-        S = tl.load(ckpt_ptr + (pid * NSLOT + ci) * N * N + tile).to(tl.float32)
-        offs, valid, start, _end = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX, ALIGNED)
+    for i in range(NTAB if INTERPRETED else n_chunks):
+        ci = (NTAB if INTERPRETED else n_chunks) - 1 - i
+        offs, valid, start, _end, slot = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX,
+                                                   ALIGNED)
+        S = tl.load(ckpt_ptr + (pid * NSLOT + slot) * N * N + tile).to(tl.float32)
         r, lw, k, v, a, b = _load_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, offs)
         do = tl.load(dout_ptr + offs).to(tl.float32)
         if ALIGNED:
@@ -391,9 +397,9 @@ def states_dtype(dtype: torch.dtype, bf16_states: int) -> torch.dtype:
     return torch.bfloat16 if bf16_states and dtype == torch.bfloat16 else torch.float32
 
 
-def seq_chunk_slots(T: int, chunk: int) -> int:
-    """Chunks a row of T tokens may need under seq_chunks (and chunk-start states kept per row and head): T / chunk
-    plus one per sequence, for sequences down to SEQ_CHUNKS_MIN_LEN tokens on average."""
+def seq_chunks_room(T: int, chunk: int) -> int:
+    """Chunks a row of T tokens may have under seq_chunks (its chunk table's size): T / chunk plus one per
+    sequence, for sequences down to SEQ_CHUNKS_MIN_LEN tokens on average."""
     return T // chunk + T // SEQ_CHUNKS_MIN_LEN
 
 
@@ -411,22 +417,31 @@ def _too_many_chunks(need: int | str, room: int, T: int) -> str:
 
 
 def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
-    """Each row's chunks when they start at its sequences' starts (`seq_chunks`): int32 `[B, max_chunks + 2]`, per
-    row the number of chunks n, then their first positions in order (`_chunk_starts`), then T (the end of the
-    last; padding).
+    """Each row's chunks when they start at its sequences' starts (`seq_chunks`): int32 `[B, 2 · max_chunks + 2]`,
+    per row the number of chunks n, then their first positions in order (`_chunk_starts`) and T (the end of the
+    last; padding), then the slot of each chunk's start state among the T / chunk + 2 that the kernels keep per row
+    and head. A chunk that continues a sequence gets the next of slots 0, 1, …; there are at most T / chunk of
+    those, since each follows a full chunk of its own sequence. Every chunk that starts a sequence starts from the
+    initial state and shares slot T / chunk; the table's padding entries (walked only by Triton's interpreter)
+    write to slot T / chunk + 1, read by no one.
 
     Built on the device without waiting for it (CUDA graphs can capture it). A row needs at most T / chunk + its
     number of sequences chunks; more than `max_chunks` fails a device-side check (on a GPU, CUDA's generic
     "device-side assert": `check_packed_rows` checks the batch on the host first)."""
     B, T = flags.shape
+    pos = torch.arange(T, device=flags.device, dtype=torch.int32)
     first = _chunk_starts(flags, chunk)
-    ordered = torch.where(first, torch.arange(T, device=flags.device, dtype=torch.int32), T).sort(dim=1).values
-    width = max_chunks + 1
-    if ordered.shape[1] < width:
-        ordered = torch.cat([ordered, ordered.new_full((B, width - ordered.shape[1]), T)], dim=1)
+    continuing = first & (flags == 0) & (pos > 0)
+    slot_at = torch.where(continuing, torch.cumsum(continuing, dim=1, dtype=torch.int32) - 1, T // chunk)
+    ordered, at = torch.where(first, pos, T).sort(dim=1)
+    slots = torch.where(ordered < T, slot_at.gather(1, at), T // chunk + 1).to(torch.int32)
+    if T < max_chunks + 1:
+        ordered = torch.cat([ordered, ordered.new_full((B, max_chunks + 1 - T), T)], dim=1)
+        slots = torch.cat([slots, slots.new_full((B, max_chunks + 1 - T), T // chunk + 1)], dim=1)
     count = first.sum(dim=1, dtype=torch.int32)
     torch._assert_async(count.max() <= max_chunks, _too_many_chunks(f"more than {max_chunks}", max_chunks, T))
-    return torch.cat([count[:, None], ordered[:, :width]], dim=1).to(torch.int32).contiguous()
+    return torch.cat([count[:, None], ordered[:, :max_chunks + 1], slots[:, :max_chunks]], dim=1).to(
+        torch.int32).contiguous()
 
 
 def check_packed_rows(starts: Tensor) -> None:
@@ -438,7 +453,7 @@ def check_packed_rows(starts: Tensor) -> None:
     flags = torch.nn.functional.pad(starts.to(torch.int8), (0, -starts.shape[1] % T_STEP))  # as `run_padded` pads
     T = flags.shape[1]
     need = int(_chunk_starts(flags, settings["chunk"]).sum(dim=1).max())
-    room = seq_chunk_slots(T, settings["chunk"])
+    room = seq_chunks_room(T, settings["chunk"])
     if need > room:
         raise ValueError(_too_many_chunks(need, room, T))
 
@@ -472,32 +487,33 @@ class _ChunkWKV7(torch.autograd.Function):
         settings = launch_settings()
         L = settings["chunk"]
         aligned = starts is not None and bool(settings["seq_chunks"])
-        slots = seq_chunk_slots(T, L) if aligned else T // L  # chunk-start states kept per row
-        if B * H * slots * N * N >= 2**31:  # the kernels' offsets are 32-bit (the largest: chunk-start states)
+        table = seq_chunks_room(T, L) if aligned else T // L  # chunks a row may have
+        if B * H * (T // L + 2) * N * N >= 2**31:  # the kernels' offsets are 32-bit (the largest: chunk-start states)
             raise ValueError(f"WKV input [B={B}, T={T}, H={H}] is too large for the chunked kernels' 32-bit offsets; "
                              "use fewer rows per micro-batch or a shorter ctx_len")
         inputs, s0, flags = kernel_inputs(r, log_decay, k, v, a, b, s0, starts)
         save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
         prec = _precision(r.dtype, settings["bf16_dots"])
-        chunks = step_chunk_table(starts, flags, L, slots) if aligned else flags.new_empty(0, dtype=torch.int32)
+        chunks = step_chunk_table(starts, flags, L, table) if aligned else flags.new_empty(0, dtype=torch.int32)
         resets = starts is not None and not aligned  # restarts inside chunks
+        slots = T // L + 2 if aligned else T // L  # chunk-start states kept per row and head (`chunk_table`)
         ckpt = torch.empty((B, H, slots, N, N) if save else (0,), device=r.device,
                            dtype=states_dtype(r.dtype, settings["bf16_states"]))
         final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         log2l = L.bit_length() - 1
-        _fwd[(B * H,)](*inputs, s0, flags, chunks, out, ckpt, final, T, H, N, L, log2l, resets, save, prec, slots,
+        _fwd[(B * H,)](*inputs, s0, flags, chunks, out, ckpt, final, T, H, N, L, log2l, resets, save, prec, table,
                        aligned, num_warps=settings["fwd_warps"], num_stages=settings["fwd_stages"])
         if save:
             ctx.save_for_backward(*inputs, s0, flags, chunks, ckpt)
             bwd_warps = settings["bwd_warps_restarts" if resets else "bwd_warps"]
-            ctx.launch = L, log2l, resets, bwd_warps, settings["bwd_stages"], prec, slots, aligned
+            ctx.launch = L, log2l, resets, bwd_warps, settings["bwd_stages"], prec, table, aligned
         return out, final
 
     @staticmethod
     def backward(ctx, dout: Tensor, dfinal: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         r, log_decay, k, v, a, b, s0, flags, chunks, ckpt = ctx.saved_tensors
-        L, log2l, resets, num_warps, num_stages, prec, slots, aligned = ctx.launch
+        L, log2l, resets, num_warps, num_stages, prec, table, aligned = ctx.launch
         B, T, H, N = r.shape
         dout = dout.contiguous()
         dfinal = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dfinal is None
@@ -506,7 +522,7 @@ class _ChunkWKV7(torch.autograd.Function):
         # seq_chunks: every sequence adds its start's gradient (atomically)
         ds0 = (torch.zeros if aligned else torch.empty)(B, H, N, N, device=r.device, dtype=torch.float32)
         _bwd[(B * H,)](r, log_decay, k, v, a, b, s0, flags, chunks, ckpt, dout, dfinal, *grads, ds0,
-                       T, H, N, L, log2l, resets, prec, slots, aligned, num_warps=num_warps, num_stages=num_stages)
+                       T, H, N, L, log2l, resets, prec, table, aligned, num_warps=num_warps, num_stages=num_stages)
         return (*grads, ds0, None)
 
 

@@ -250,7 +250,8 @@ def test_the_products_precision_follows_the_input_dtype(monkeypatch: pytest.Monk
 
 def test_chunk_table_starts_chunks_at_every_sequence_start() -> None:
     """seq_chunks: chunks of L tokens from each sequence's start (a row's first position starts one), the last one
-    of a sequence shorter; rows padded with T; too many sequences for the kept states fail loudly."""
+    of a sequence shorter; rows padded with T; only chunks that continue a sequence get a slot of their own for
+    their start state; too many sequences for the table fail loudly."""
     import torch
 
     from rwkv7.wkv_chunk import chunk_table
@@ -259,7 +260,10 @@ def test_chunk_table_starts_chunks_at_every_sequence_start() -> None:
     flags[0, [7, 8, 21, 40]] = 1
     flags[1, 0] = 1
     table = chunk_table(flags, 16, 8)
-    assert table.tolist() == [[7, 0, 7, 8, 21, 37, 40, 56, 64, 64], [4, 0, 16, 32, 48, 64, 64, 64, 64, 64]]
+    # n, chunk starts and T, then the slots of their start states (4: a sequence's start, the initial state;
+    # 5: padding)
+    assert table.tolist() == [[7, 0, 7, 8, 21, 37, 40, 56, 64, 64, 4, 4, 4, 4, 0, 4, 1, 5],
+                              [4, 0, 16, 32, 48, 64, 64, 64, 64, 64, 4, 0, 1, 2, 5, 5, 5, 5]]
     flags[0, 1:12] = 1  # 15 chunks in row 0
     with pytest.raises(RuntimeError, match="a packed row of 64 tokens needs more than 8 chunks"):
         chunk_table(flags, 16, 8)
