@@ -51,7 +51,7 @@ def signature(kernel: triton.JITFunction, dtype: str) -> dict[str, str]:
         elif name == "starts_ptr":
             types[name] = "*i8"
         elif name == "chunks_ptr":
-            types[name] = "*i32"
+            types[name] = "*i64"
         else:
             types[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
     return types

@@ -148,11 +148,12 @@ def _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T: tl.constexpr, H: tl.c
     position, the first position after it, the slot of its start state)`. Every L tokens, each chunk's state in
     slot ci; or, ALIGNED, from the row's table (`chunk_table`): L tokens from each sequence's start, a sequence's
     last chunk shorter (its other rows clamped into the row and `valid` False), the slot from the table."""
-    if ALIGNED:
-        row = chunks_ptr + b_idx * (2 * NCMAX + 2)
-        p = tl.load(row + 1 + ci)
-        end = tl.load(row + 2 + ci)
-        slot = tl.load(row + NCMAX + 2 + ci)
+    if ALIGNED:  # one load gives the chunk's start and its slot: the state's address is then no later than the tiles'
+        entry = chunks_ptr + b_idx * (NCMAX + 2) + 1 + ci
+        here = tl.load(entry)
+        p = (here & 0xFFFFFFFF).to(tl.int32)
+        slot = (here >> 32).to(tl.int32)
+        end = (tl.load(entry + 1) & 0xFFFFFFFF).to(tl.int32)
         valid = rows < end - p
         offs = (b_idx * T + tl.minimum(p + rows, T - 1))[:, None] * (H * N) + h_idx * N + cols[None, :]
     else:
@@ -238,7 +239,7 @@ def _fwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
     NC: tl.constexpr = T // L
     NTAB: tl.constexpr = NCMAX if ALIGNED else NC  # chunks a row may have
     NSLOT: tl.constexpr = NC + 2 if ALIGNED else NC  # chunk-start states kept per row and head (`chunk_table`)
-    n_chunks = tl.load(chunks_ptr + b_idx * (2 * NCMAX + 2)) if ALIGNED else NC
+    n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)).to(tl.int32) if ALIGNED else NC
     S = tl.load(s0_ptr + pid * N * N + tile)
     for ci in range(NTAB if INTERPRETED else n_chunks):
         offs, valid, _start, end, slot = _chunk_at(chunks_ptr, b_idx, h_idx, ci, rows, cols, T, H, N, L, NCMAX,
@@ -288,7 +289,7 @@ def _bwd(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, starts_ptr, chunks_pt
     NC: tl.constexpr = T // L
     NTAB: tl.constexpr = NCMAX if ALIGNED else NC
     NSLOT: tl.constexpr = NC + 2 if ALIGNED else NC
-    n_chunks = tl.load(chunks_ptr + b_idx * (2 * NCMAX + 2)) if ALIGNED else NC
+    n_chunks = tl.load(chunks_ptr + b_idx * (NCMAX + 2)).to(tl.int32) if ALIGNED else NC
     dS = tl.load(dfinal_ptr + pid * N * N + tile)  # gradient of the state at the current chunk's end
     dfirst = tl.zeros((N, N), dtype=tl.float32)  # gradient of the initial state through restarts
     for i in range(NTAB if INTERPRETED else n_chunks):
@@ -417,10 +418,10 @@ def _too_many_chunks(need: int | str, room: int, T: int) -> str:
 
 
 def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
-    """Each row's chunks when they start at its sequences' starts (`seq_chunks`): int32 `[B, 2 · max_chunks + 2]`,
-    per row the number of chunks n, then their first positions in order (`_chunk_starts`) and T (the end of the
-    last; padding), then the slot of each chunk's start state among the T / chunk + 2 that the kernels keep per row
-    and head. A chunk that continues a sequence gets the next of slots 0, 1, …; there are at most T / chunk of
+    """Each row's chunks when they start at its sequences' starts (`seq_chunks`): int64 `[B, max_chunks + 2]`, per
+    row the number of chunks n, then one entry per chunk in order: its first position (`_chunk_starts`) in the low 32
+    bits and the slot of its start state among the T / chunk + 2 that the kernels keep per row and head in the high
+    32 bits (one load gives both), then padding entries at T (the end of the last chunk). A chunk that continues a sequence gets the next of slots 0, 1, …; there are at most T / chunk of
     those, since each follows a full chunk of its own sequence. Every chunk that starts a sequence starts from the
     initial state and shares slot T / chunk; the table's padding entries (walked only by Triton's interpreter)
     write to slot T / chunk + 1, read by no one.
@@ -440,8 +441,8 @@ def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
         slots = torch.cat([slots, slots.new_full((B, max_chunks + 1 - T), T // chunk + 1)], dim=1)
     count = first.sum(dim=1, dtype=torch.int32)
     torch._assert_async(count.max() <= max_chunks, _too_many_chunks(f"more than {max_chunks}", max_chunks, T))
-    return torch.cat([count[:, None], ordered[:, :max_chunks + 1], slots[:, :max_chunks]], dim=1).to(
-        torch.int32).contiguous()
+    entries = ordered[:, :max_chunks + 1].to(torch.int64) | (slots[:, :max_chunks + 1].to(torch.int64) << 32)
+    return torch.cat([count[:, None].to(torch.int64), entries], dim=1).contiguous()
 
 
 def check_packed_rows(starts: Tensor) -> None:
@@ -495,7 +496,7 @@ class _ChunkWKV7(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:7])
         out = torch.empty_like(inputs[0])
         prec = _precision(r.dtype, settings["bf16_dots"])
-        chunks = step_chunk_table(starts, flags, L, table) if aligned else flags.new_empty(0, dtype=torch.int32)
+        chunks = step_chunk_table(starts, flags, L, table) if aligned else flags.new_empty(0, dtype=torch.int64)
         resets = starts is not None and not aligned  # restarts inside chunks
         slots = T // L + 2 if aligned else T // L  # chunk-start states kept per row and head (`chunk_table`)
         ckpt = torch.empty((B, H, slots, N, N) if save else (0,), device=r.device,
