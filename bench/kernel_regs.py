@@ -77,7 +77,8 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
 def loop_report(sass: str) -> dict[str, int]:
     """Static counts in the longest loop of disassembled machine code (`nvdisasm` output): the lines from a label
     to the last branch back to it. `loop_instructions`, `loop_local_loads` / `loop_local_stores` (LDL / STL:
-    spills and their reloads), `loop_mma` (HMMA / WGMMA)."""
+    spills and their reloads), `loop_mma` (HMMA / WGMMA), `loop_async_copies` (LDGSTS: loads of later chunks that
+    Triton's pipelining issues ahead; a loop it could not pipeline has none)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
@@ -90,7 +91,8 @@ def loop_report(sass: str) -> dict[str, int]:
         return sum(bool(re.search(pattern, line)) for line in body)
 
     return {"loop_instructions": len(body), "loop_local_loads": count(r"\bLDL\b"),
-            "loop_local_stores": count(r"\bSTL\b"), "loop_mma": count(r"\b(?:HMMA|HGMMA|WGMMA)\b")}
+            "loop_local_stores": count(r"\bSTL\b"), "loop_mma": count(r"\b(?:HMMA|HGMMA|WGMMA)\b"),
+            "loop_async_copies": count(r"\bLDGSTS\b")}
 
 
 def disassemble(cubin: bytes) -> str:
@@ -147,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loop = NVDISASM.is_file()
     print("| kernel | restarts | warps | stages | registers | spill stores | spill loads | shared memory |"
-          + (" chunk loop: instructions | LDL | STL | MMA |" if loop else "")
-          + "\n|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if loop else ""), flush=True)
+          + (" chunk loop: instructions | LDL | STL | MMA | LDGSTS |" if loop else "")
+          + "\n|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if loop else ""), flush=True)
     for name in args.kernels.split(","):
         kernel = {"fwd": wkv_chunk._fwd, "bwd": wkv_chunk._bwd}[name]
         for restarts in (False, True, "aligned"):
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells = [name, {False: "no", True: "yes"}.get(restarts, restarts), warps, stages, r["registers"],
                          f"{r['spill_stores']} B", f"{r['spill_loads']} B", f"{r['shared'] // 1024} KB"]
                 if loop:
-                    cells += [r["loop_instructions"], r["loop_local_loads"], r["loop_local_stores"], r["loop_mma"]]
+                    cells += [r["loop_instructions"], r["loop_local_loads"], r["loop_local_stores"], r["loop_mma"],
+                              r["loop_async_copies"]]
                 print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     return 0
 

@@ -31,7 +31,8 @@ def test_the_forward_kernel_compiles_for_sm90_and_ptxas_reports_on_it(kr,  # noq
     assert shared[0] < shared[1] and shared[2] < shared[3]  # pipelined loads of later chunks wait in shared memory
     if kr.NVDISASM.is_file():  # the chunk loop's machine code: restarts add code to it
         assert 0 < plain["loop_mma"] < plain["loop_instructions"] < restarts["loop_instructions"]
-        assert len(rows[0]) == 14
+        assert len(rows[0]) == 15
+        assert [int(row[13]) > 0 for row in rows] == [False, True] * 3  # pipelined (stages 3): loads issued ahead
 
 
 def test_the_loop_report_counts_the_longest_loop_of_disassembled_code(kr) -> None:  # noqa: ANN001
@@ -40,6 +41,7 @@ def test_the_loop_report_counts_the_longest_loop_of_disassembled_code(kr) -> Non
 .L_x_1:
         /*0010*/                   LDL R2, [R1] ;
         /*0020*/                   HMMA.1684.F32.TF32 R4, R8, R12, R4 ;
+        /*0028*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
 .L_x_2:
         /*0030*/                   STL [R1], R2 ;
         /*0040*/               @P1 BRA `(.L_x_2) ;
@@ -48,8 +50,8 @@ def test_the_loop_report_counts_the_longest_loop_of_disassembled_code(kr) -> Non
 .L_x_3:
         /*0070*/                   EXIT ;
 """
-    assert kr.loop_report(sass) == {"loop_instructions": 5, "loop_local_loads": 1, "loop_local_stores": 1,
-                                    "loop_mma": 1}
+    assert kr.loop_report(sass) == {"loop_instructions": 6, "loop_local_loads": 1, "loop_local_stores": 1,
+                                    "loop_mma": 1, "loop_async_copies": 1}
     with pytest.raises(RuntimeError, match="no loop"):
         kr.loop_report(sass.replace("(.L_x_1)", "(.L_x_3)").replace("(.L_x_2)", "(.L_x_3)"))
 
