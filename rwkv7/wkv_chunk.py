@@ -421,10 +421,13 @@ def chunk_table(flags: Tensor, chunk: int, max_chunks: int) -> Tensor:
     """Each row's chunks when they start at its sequences' starts (`seq_chunks`): int64 `[B, max_chunks + 2]`, per
     row the number of chunks n, then one entry per chunk in order: its first position (`_chunk_starts`) in the low 32
     bits and the slot of its start state among the T / chunk + 2 that the kernels keep per row and head in the high
-    32 bits (one load gives both), then padding entries at T (the end of the last chunk). A chunk that continues a sequence gets the next of slots 0, 1, …; there are at most T / chunk of
-    those, since each follows a full chunk of its own sequence. Every chunk that starts a sequence starts from the
-    initial state and shares slot T / chunk; the table's padding entries (walked only by Triton's interpreter)
-    write to slot T / chunk + 1, read by no one.
+    32 bits (one load gives both, so the kernels know the state's address as early as the tiles'), then padding
+    entries at T (the end of the last chunk).
+
+    A chunk that continues a sequence gets the next of slots 0, 1, …; there are at most T / chunk of those, since
+    each follows a full chunk of its own sequence. Every chunk that starts a sequence starts from the initial state
+    and shares slot T / chunk; the table's padding entries (walked only by Triton's interpreter) write to slot
+    T / chunk + 1, read by no one.
 
     Built on the device without waiting for it (CUDA graphs can capture it). A row needs at most T / chunk + its
     number of sequences chunks; more than `max_chunks` fails a device-side check (on a GPU, CUDA's generic

@@ -263,7 +263,8 @@ def test_chunk_table_starts_chunks_at_every_sequence_start() -> None:
     assert table[:, 0].tolist() == [7, 4]  # chunks per row
     # each chunk's start (then T: padding) in the low 32 bits, the slot of its start state in the high 32 bits
     # (4: a sequence's start, which starts from the initial state; 5: padding)
-    assert (table[:, 1:] & 0xFFFFFFFF).tolist() == [[0, 7, 8, 21, 37, 40, 56, 64, 64], [0, 16, 32, 48, 64, 64, 64, 64, 64]]
+    assert (table[:, 1:] & 0xFFFFFFFF).tolist() == [[0, 7, 8, 21, 37, 40, 56, 64, 64],
+                                                    [0, 16, 32, 48, 64, 64, 64, 64, 64]]
     assert (table[:, 1:] >> 32).tolist() == [[4, 4, 4, 4, 0, 4, 1, 5, 5], [4, 0, 1, 2, 5, 5, 5, 5, 5]]
     flags[0, 1:12] = 1  # 15 chunks in row 0
     with pytest.raises(RuntimeError, match="a packed row of 64 tokens needs more than 8 chunks"):
