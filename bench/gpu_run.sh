@@ -162,6 +162,18 @@ with_prev() {
 # (c) packed without activation recompute: every layer keeps its chunk-start states (the memory seq_chunks costs)
 NO_CP_C=(--models 1.5b --workloads c --pack on --graphs on --compile on --grad-cp off)
 
+# memory_rows SECONDS PRECISIONS: issue 4's memory rows, 1.5B (b) without graphs, for each of PRECISIONS
+memory_rows() {
+  run_on 0 "$1" --models 1.5b --workloads b --graphs off --precisions "$2"
+}
+
+# chunk_checks SECONDS: our chunked kernels' check (bf16; the defaults and TRITON_CONFIGS, by default seq_chunks=0
+# as well) and their GPU tests, each cut at SECONDS
+chunk_checks() {
+  TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=0}" wkv_check 0 "$1" bf16 chunk
+  gpu_tests "$1" 0 tests/rwkv7/test_wkv_triton.py -k chunk
+}
+
 # wkv_check GPU SECONDS [DTYPES] [BACKEND]: bench/gpu_check_wkv.py; its table (rewritten after each case) in $OUT
 wkv_check() {
   local gpu=$1 secs=$2 dtypes=${3:-bf16,fp32} backend=${4:-fla}
@@ -358,7 +370,7 @@ case "$PLAN" in
         --grad-cp-policy selective --grad-cp-keep-ffn "$f"
     done
     if [ -n "${PRECISIONS:-}" ]; then
-      run_on 0 $(($(left) - 60)) --models 1.5b --workloads b --graphs off --precisions "$PRECISIONS"
+      memory_rows $(($(left) - 60)) "$PRECISIONS"
     fi
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_tuning.py tests/rwkv7/test_wkv_triton.py -k "graph or chunk"
     ;;
@@ -378,38 +390,32 @@ case "$PLAN" in
     done
     run_on 0 $(($(left) - 160)) --models 1.5b --workloads c --pack on --graphs on --compile on \
       --grad-cp-policy selective --grad-cp-keep-ffn 15
-    run_on 0 $(($(left) - 50)) --models 1.5b --workloads b --graphs off --precisions int8,bf16,nf4
+    memory_rows $(($(left) - 50)) int8,bf16,nf4
     gpu_tests $(($(left) - 10)) 0 tests/rwkv7/test_wkv_triton.py -k chunk
     ;;
   issue4)  # one GPU: every row issue 4 asks for, in one run: 1.5B (a) and (c) with the settings that meet it, then (b)
     tuned_row $(($(left) - 20)) a
     tuned_row $(($(left) - 20)) c
-    run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions bf16,int8,nf4
+    memory_rows $(($(left) - 10)) bf16,int8,nf4
     ;;
   alltests)  # one GPU: every GPU test file, then (c) and (a) once more as time allows
     gpu_tests $(($(left) - 100)) 0
     tuned_row $(($(left) - 10)) c
     tuned_row $(($(left) - 10)) a
     ;;
-  abseq)  # one GPU: the chunk tests and check of today's kernels, then (c) with them, (c) with PREV_WKV and (a)
-    TRITON_CONFIGS=";seq_chunks=0" wkv_check 0 100 bf16 chunk
-    gpu_tests 100 0 tests/rwkv7/test_wkv_triton.py -k chunk
+  abseq|slots)  # one GPU: the chunk tests and check of today's kernels, then (c) with them, (c) with PREV_WKV's;
+                # slots: (c) without recompute with PREV_WKV's and with today's (memory); then (a)
+    chunk_checks 100
     tuned_row $(($(left) - 20)) c
     with_prev tuned_row $(($(left) - 20)) c
-    tuned_row $(($(left) - 10)) a
-    ;;
-  slots)  # one GPU: today's chunked kernels against PREV_WKV's for speed under recompute and memory without it
-    TRITON_CONFIGS=";seq_chunks=0" wkv_check 0 100 bf16 chunk
-    gpu_tests 100 0 tests/rwkv7/test_wkv_triton.py -k chunk
-    tuned_row $(($(left) - 20)) c
-    with_prev tuned_row $(($(left) - 20)) c
-    with_prev run_on 0 $(($(left) - 20)) "${NO_CP_C[@]}"
-    run_on 0 $(($(left) - 20)) "${NO_CP_C[@]}"
+    if [ "$PLAN" = slots ]; then
+      with_prev run_on 0 $(($(left) - 20)) "${NO_CP_C[@]}"
+      run_on 0 $(($(left) - 20)) "${NO_CP_C[@]}"
+    fi
     tuned_row $(($(left) - 10)) a
     ;;
   seqchunks)  # one GPU: packed rows in chunks from every sequence start (the default) against restarts inside chunks
-    TRITON_CONFIGS="${TRITON_CONFIGS:-;seq_chunks=0}" wkv_check 0 120 bf16 chunk
-    gpu_tests 120 0 tests/rwkv7/test_wkv_triton.py -k chunk
+    chunk_checks 120
     for round in 1 2; do  # (c) and (a) in turns: the call-to-call spread is ~1 %, about the difference measured
       for wl in c a; do
         stamp "round $round: ($wl)"
@@ -418,12 +424,12 @@ case "$PLAN" in
     done
     ;;
   memory)  # one GPU: the memory rows, 1.5B (b) without graphs, int8 first (the tightest against its target)
-    run_on 0 $(($(left) - 10)) --models 1.5b --workloads b --graphs off --precisions "${PRECISIONS:-int8,bf16,nf4}"
+    memory_rows $(($(left) - 10)) "${PRECISIONS:-int8,bf16,nf4}"
     ;;
   sizes)
     run_on 0 $(($(left) - 20)) --models 0.4b,2.9b --workloads a --graphs on --compile on
     run_on 0 $(($(left) - 20)) --models 1.5b --workloads a --graphs on --compile on --emb-host off
-    run_on 0 $(($(left) - 20)) --models 1.5b --workloads b --graphs off --precisions bf16,int8,nf4
+    memory_rows $(($(left) - 20)) bf16,int8,nf4
     ;;
   wkv)  # two GPUs: the WKV check in bf16 (GPU 0, then the GPU tests there) and in fp32 (GPU 1) side by side
     ( wkv_check 1 $(($(left) - 15)) fp32 ) &
@@ -433,7 +439,7 @@ case "$PLAN" in
     wait "$side"
     ;;
   *) echo "unknown plan $PLAN (one | final | ddp | speed | diag | graphs | keep | graphtests | ab | frontier | cold |"\
-          "chunk | memsnap | stages | keepffn | dots | seqchunks | alltests | abseq | issue4 | memory |"\
+          "chunk | memsnap | stages | keepffn | dots | seqchunks | alltests | abseq | slots | issue4 | memory |"\
           "sizes | wkv)"; exit 2 ;;
 esac
 
